@@ -1,0 +1,1 @@
+"""Op interfaces and their torch reference implementations (the definition of correct)."""
