@@ -250,6 +250,10 @@ def decide(op: str, device_type: str, call: dict, backend: str | None = None,
     impl = entry.impls().get(op)
     if impl is None:
         return name, None, "no override", ()
+    served_devices = entry.backend.device_types
+    if served_devices and device_type not in served_devices:
+        return name, impl, "fallback", (f"device {device_type!r}: backend {name!r} serves "
+                                        f"{', '.join(served_devices)} tensors",)
     reasons: tuple[str, ...]
     key = None
     try:
