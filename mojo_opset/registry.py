@@ -99,22 +99,30 @@ def _discover() -> dict[str, BackendEntry]:
     return found
 
 
+_merged: dict[str, BackendEntry] | None = None
+
+
 def backend_entries() -> dict[str, BackendEntry]:
-    """All known backends except the reference, by id."""
-    global _entries
+    """All known backends except the reference, by id (cached; do not mutate)."""
+    global _entries, _merged
+    merged = _merged
+    if merged is not None:
+        return merged
     with _lock:
         if _entries is None:
             _entries = _discover()
         merged = dict(_entries)
         merged.update(_registered)
+        _merged = merged
         return merged
 
 
 def refresh() -> None:
     """Forget discovered backends (re-read entry points on next use)."""
-    global _entries
+    global _entries, _merged
     with _lock:
         _entries = None
+        _merged = None
     from . import dispatch
     dispatch.clear_caches()
 
@@ -129,15 +137,19 @@ def register_backend(backend: Backend, name: str | None = None) -> None:
     if not name or name == REFERENCE:
         raise ValueError(f"backend name must be a non-empty id other than {REFERENCE!r}, got {name!r}")
     backend.name = name
+    global _merged
     with _lock:
         _registered[name] = BackendEntry(name, backend, "registered")
+        _merged = None
     from . import dispatch
     dispatch.clear_caches()
 
 
 def unregister_backend(name: str) -> None:
+    global _merged
     with _lock:
         _registered.pop(name, None)
+        _merged = None
     from . import dispatch
     dispatch.clear_caches()
 

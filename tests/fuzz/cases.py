@@ -1,0 +1,124 @@
+"""Hypothesis strategies for MoE problems: sizes, routing options, dtypes, odd inputs."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from hypothesis import strategies as st
+
+LONG = os.environ.get("MOJO_FUZZ_PROFILE", "ci") == "long"
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+# the interpreter is slow and its bf16 tl.dot is wrong: small shapes, fp16/fp32 on CPU
+MAX_T = 300 if LONG else 48
+MAX_H = 256 if (LONG or ON_GPU) else 64
+MAX_E = 300 if LONG else 40
+MAX_I = 128 if (LONG or ON_GPU) else 32
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+@dataclass
+class Case:
+    T: int
+    H: int
+    E: int
+    K: int
+    I: int
+    dtype: torch.dtype
+    seed: int
+    routing: dict = field(default_factory=dict)
+    shared: bool = False
+    shared_gate: bool = False
+    nan_rows: tuple = ()
+    inf_rows: tuple = ()
+    noncontig: bool = False
+    ties: bool = False
+
+    def short(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.routing.items() if v not in (None, False))
+        return (f"T{self.T} H{self.H} E{self.E} K{self.K} I{self.I} {str(self.dtype)[6:]} seed{self.seed} "
+                f"{opts} shared={self.shared} nan={self.nan_rows} inf={self.inf_rows} "
+                f"noncontig={self.noncontig} ties={self.ties}")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@st.composite
+def cases(draw, allow_odd_inputs: bool = True) -> Case:
+    T = draw(st.one_of(st.sampled_from([0, 1, 1, 2]), st.integers(0, MAX_T)))
+    H = 16 * draw(st.integers(1, MAX_H // 16))
+    E = draw(st.one_of(st.sampled_from([1, 2, 3, 8, 16]), st.integers(1, MAX_E)))
+    K = draw(st.integers(1, min(E, 16)))
+    I = 16 * draw(st.integers(1, MAX_I // 16))
+    dtype = draw(st.sampled_from(DTYPES))
+    score_func = draw(st.sampled_from(["softmax", "sigmoid"]))
+    G = draw(st.sampled_from(_divisors(E)))
+    per = E // G
+    min_l = -(-K // per)  # kept groups must be able to supply K experts
+    L = draw(st.integers(min_l, G)) if G > 1 else None
+    routing = dict(
+        score_func=score_func,
+        route_norm=draw(st.booleans()),
+        route_scale=draw(st.sampled_from([1.0, 1.0, 2.5, 0.5])),
+        num_expert_groups=G,
+        num_limited_groups=L,
+        group_score=draw(st.sampled_from(["top2_sum", "max"])),
+        router_dtype=draw(st.sampled_from([torch.float32, torch.float32, None])),
+        gate_bias=draw(st.booleans()),
+        expert_bias=draw(st.booleans()),
+    )
+    nan_rows = inf_rows = ()
+    noncontig = False
+    if allow_odd_inputs and T > 0:
+        if draw(st.integers(0, 9)) == 0:
+            nan_rows = (draw(st.integers(0, T - 1)),)
+        if draw(st.integers(0, 9)) == 0:
+            inf_rows = (draw(st.integers(0, T - 1)),)
+        noncontig = draw(st.integers(0, 4)) == 0
+    return Case(T, H, E, K, I, dtype, draw(st.integers(0, 2**31 - 1)), routing,
+                shared=draw(st.integers(0, 3)) == 0, shared_gate=draw(st.booleans()),
+                nan_rows=nan_rows, inf_rows=inf_rows, noncontig=noncontig,
+                ties=draw(st.integers(0, 5)) == 0)
+
+
+def build(case: Case, requires_grad: bool = False):
+    """Tensors for a case: (x, gate_weight, w13, w2, kwargs for moe_forward)."""
+    g = torch.Generator().manual_seed(case.seed)
+    dt, dev = case.dtype, DEVICE
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dt).to(dev)
+
+    x = rnd(case.T, case.H)
+    if case.noncontig:  # a strided view of a wider buffer
+        wide = rnd(case.T, 2 * case.H)
+        wide[:, ::2] = x
+        x = wide[:, ::2]
+    for r in case.nan_rows:
+        x[r] = float("nan")
+    for r in case.inf_rows:
+        x[r, 0] = float("inf")
+    gw = rnd(case.E, case.H, scale=case.H ** -0.5)
+    if case.ties and case.E > 1:  # duplicated router rows give exactly tied scores
+        gw[1::2] = gw[0:-1:2][: gw[1::2].shape[0]]
+    w13 = rnd(case.E, 2 * case.I, case.H, scale=case.H ** -0.5)
+    w2 = rnd(case.E, case.H, case.I, scale=case.I ** -0.5)
+    r = dict(case.routing)
+    kw = {k: r[k] for k in ("score_func", "route_norm", "route_scale", "num_expert_groups",
+                            "num_limited_groups", "group_score", "router_dtype")}
+    if r["gate_bias"]:
+        kw["gate_bias"] = rnd(case.E, scale=0.1)
+    if r["expert_bias"]:
+        kw["expert_bias"] = (torch.randn(case.E, generator=g) * 0.05).to(dev)
+    if case.shared:
+        kw["shared_w13"] = rnd(2 * case.I, case.H, scale=case.H ** -0.5)
+        kw["shared_w2"] = rnd(case.H, case.I, scale=case.I ** -0.5)
+        if case.shared_gate:
+            kw["shared_gate"] = rnd(1, case.H, scale=case.H ** -0.5)
+    if requires_grad:
+        for t in (x, gw, w13, w2):
+            t.requires_grad_(True)
+    return x, gw, w13, w2, kw
