@@ -43,6 +43,7 @@ def compose_forward(x, topk_ids, topk_weights, w13, w2, activation="swiglu", *, 
 
 def shared_experts(x, shared_w13, shared_w2, shared_gate=None):
     """SwiGLU MLP ``[2*I_s, H]`` / ``[H, I_s]``, optionally scaled by ``sigmoid(x @ shared_gate.T)``."""
+    shared_w13, shared_w2 = shared_w13.to(x.dtype), shared_w2.to(x.dtype)  # as the routed experts do
     a = (F.silu(F.linear(x, shared_w13[: shared_w13.shape[0] // 2]).float())
          * F.linear(x, shared_w13[shared_w13.shape[0] // 2:]).float()).to(x.dtype)
     y = F.linear(a, shared_w2)
@@ -90,17 +91,36 @@ def _router_info(ids, weights, scores, E):
 
 
 def run_moe(x, gate_weight, top_k, routing_kw, *, experts_fn, ep_group, ep_mode, shared, return_router_info,
-            backend):
-    """Shared driver of moe_forward and quant_moe_forward: routing, experts (local or EP), shared, info."""
-    check_choice("ep_mode", ep_mode, EP_MODES)
-    x2, opts = normalize_routing(x, gate_weight, top_k, **routing_kw)
-    validate_shared(x2, *shared)
+            backend, check_experts=None):
+    """Shared driver of moe_forward and quant_moe_forward: routing, experts (local or EP), shared, info.
+
+    ``check_experts(x2, num_local_experts)`` validates the expert tensors (raising) and returns those
+    that may require grad; with ``ep_group`` it runs inside the ranks' agreement, so a rank's bad
+    argument is an error on every rank rather than a hang.  ``experts_fn(rows, ids, weights,
+    expert_offset)`` computes the local experts (ids in ``[0, E_local)``; EP passes rows of K=1)."""
+    def validate():
+        check_choice("ep_mode", ep_mode, EP_MODES)
+        x2, opts = normalize_routing(x, gate_weight, top_k, **routing_kw)
+        validate_shared(x2, *shared)
+        e_local = gate_weight.shape[0]
+        if ep_group is not None:
+            from ..distributed import local_expert_range
+            lo, hi = local_expert_range(e_local, ep_group)
+            e_local = hi - lo
+        params = tuple(check_experts(x2, e_local) or ()) if check_experts is not None else ()
+        return x2, opts, gate_weight, (x2, gate_weight, routing_kw.get("gate_bias"), *shared, *params)
+
+    if ep_group is None:
+        x2, opts, _, _ = validate()
+    else:
+        from ..distributed import agree
+        x2, opts, ep_call = agree(ep_group, ep_mode, validate, x)
     E = gate_weight.shape[0]
     ids, weights, scores = route(x2, gate_weight, routing_kw.get("gate_bias"),
                                  routing_kw.get("router_dtype", torch.float32), opts, backend)
     if ep_group is not None:
         from ..distributed import ep_forward
-        y = ep_forward(x2, ids, weights, E, experts_fn, ep_group, ep_mode)
+        y = ep_forward(ep_call, x2, ids, weights, experts_fn)
     else:
         y = experts_fn(x2, ids, weights, 0)
     if shared[0] is not None:
@@ -136,21 +156,12 @@ def moe_forward(x, gate_weight, w13, w2, top_k, *, gate_bias=None, score_func="s
 
     x: ``[..., H]``; w13 ``[E_local, 2I, H]``; w2 ``[E_local, H, I]`` (E_local = E without EP, the
     rank's expert slice with ``ep_group``).  Returns y shaped like x (and router info if asked)."""
-    if not isinstance(x, torch.Tensor) or x.dim() < 1:
-        fail("x must be a tensor of shape [..., H]", TypeError)
-    x2 = x.reshape(-1, x.shape[-1])
-    check_tensor("gate_weight", gate_weight, ndim=2)
-    E = gate_weight.shape[0]
-    if ep_group is None:
-        e_local = E
-    else:
-        from ..distributed import local_expert_range
-        lo, hi = local_expert_range(E, ep_group)
-        e_local = hi - lo
-    validate_experts(x2, w13, w2, e_local, activation)
+    def check_experts(x2, e_local):
+        validate_experts(x2, w13, w2, e_local, activation)
+        return w13, w2
 
     def experts_fn(xs, ids, weights, expert_offset):
-        # EP passes ids relative to the local slice (already shifted) and masked weights
+        # with EP: the rank's pairs as rows of K=1, ids relative to its slice, weights 1
         return routed_experts(xs, ids, weights, w13, w2, activation, backend)
 
     return run_moe(x, gate_weight, top_k,
@@ -158,4 +169,4 @@ def moe_forward(x, gate_weight, w13, w2, top_k, *, gate_bias=None, score_func="s
                                num_limited_groups, group_score, router_dtype, forced_expert_ids),
                    experts_fn=experts_fn, ep_group=ep_group, ep_mode=ep_mode,
                    shared=(shared_w13, shared_w2, shared_gate), return_router_info=return_router_info,
-                   backend=backend)
+                   backend=backend, check_experts=check_experts)
