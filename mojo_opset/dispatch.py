@@ -37,6 +37,13 @@ class StrictFallbackError(RuntimeError):
     """Strict mode: a call would have fallen back to the reference."""
 
 
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing torch._dynamo at import time
+    (that imports triton, before a test session can turn the Triton interpreter on)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 _ctx_backend: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mojo_backend", default=None)
 _ctx_strict: contextvars.ContextVar[bool | None] = contextvars.ContextVar("mojo_strict", default=None)
 
@@ -73,6 +80,7 @@ def strict(enabled: bool = True) -> Iterator[None]:
         _ctx_strict.reset(token)
 
 
+@_assume_constant_result  # compiled graphs fix the mode at trace time (no ContextVar in graphs)
 def is_strict() -> bool:
     v = _ctx_strict.get()
     if v is not None:
@@ -133,6 +141,7 @@ def _default_for_device(device_type: str) -> str:
     return chosen
 
 
+@_assume_constant_result  # compiled graphs fix the choice at trace time (no ContextVar in graphs)
 def select_backend(op: str, device_type: str, explicit: str | None = None) -> str:
     """The backend id that a call of ``op`` on ``device_type`` tensors goes to (no capability check)."""
     name, source = _requested(op, explicit)

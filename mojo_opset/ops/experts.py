@@ -11,6 +11,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .experts_op import experts_loop_op
+
 ACTIVATIONS = ("swiglu",)
 
 
@@ -43,7 +45,12 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype, capability: tuple
     return device_type == "cpu" and dtype in (torch.bfloat16, torch.float16, torch.float32)
 
 
-def can_use_grouped_mm(t: torch.Tensor) -> bool:
+def can_use_grouped_mm(t: torch.Tensor, w2: torch.Tensor | None = None) -> bool:
+    """Whether ``experts_grouped_mm`` runs for these operands: ``torch._grouped_mm`` needs every
+    operand's row stride (H and I elements) to be a multiple of 16 bytes."""
+    size = t.element_size()
+    if t.shape[-1] * size % 16 or (w2 is not None and w2.shape[-1] * size % 16):
+        return False
     cap = torch.cuda.get_device_capability(t.device) if t.device.type == "cuda" else None
     return grouped_mm_available(t.device.type, t.dtype, cap)
 
@@ -51,16 +58,23 @@ def can_use_grouped_mm(t: torch.Tensor) -> bool:
 def experts_grouped_mm(permuted_x, group_ends, w13, w2, activation="swiglu"):
     dtype = permuted_x.dtype
     ends = group_ends.to(torch.int32)
-    h = torch._grouped_mm(permuted_x, w13.to(dtype).transpose(1, 2), offs=ends)
+    permuted_x = permuted_x.contiguous()
+    w13, w2 = w13.to(dtype).contiguous(), w2.to(dtype).contiguous()  # row strides of 16 bytes
+    h = torch._grouped_mm(permuted_x, w13.transpose(1, 2), offs=ends)
     a = swiglu(h, dtype)
-    y = torch._grouped_mm(a, w2.to(dtype).transpose(1, 2), offs=ends)
+    y = torch._grouped_mm(a, w2.transpose(1, 2), offs=ends)
     R = permuted_x.shape[0]
     valid = torch.arange(R, device=permuted_x.device) < ends[-1]  # rows past the groups are zero
     return torch.where(valid[:, None], y, y.new_zeros(()))
 
 
 def experts_reference(permuted_x, group_ends, w13, w2, activation="swiglu"):
-    """The core path: ``torch._grouped_mm`` on CUDA (Hopper+, bf16), the per-expert loop elsewhere."""
-    if permuted_x.device.type == "cuda" and can_use_grouped_mm(permuted_x):
+    """The core path: ``torch._grouped_mm`` on CUDA (Hopper+, bf16), the per-expert loop elsewhere
+    (as the ``mojo_opset::experts_loop`` custom op when compiling: the loop reads sizes on the host)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+    if permuted_x.device.type == "cuda" and can_use_grouped_mm(permuted_x, w2):
         return experts_grouped_mm(permuted_x, group_ends, w13, w2, activation)
+    if torch.compiler.is_compiling():
+        return experts_loop_op(permuted_x, group_ends, w13, w2)
     return experts_loop(permuted_x, group_ends, w13, w2, activation)

@@ -1,6 +1,8 @@
 """MoE gating (SPEC §3.1): router GEMM, scores, (group-limited) top-k, weights, router replay."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .. import dispatch as _dispatch
@@ -36,13 +38,16 @@ def _stable_desc_order(key: torch.Tensor) -> torch.Tensor:
 
 def group_eligibility(choice: torch.Tensor, num_expert_groups: int, num_limited_groups: int,
                       group_score: str) -> torch.Tensor:
-    """Boolean [T, E]: experts in the ``num_limited_groups`` best groups (ties: lower group id)."""
+    """Boolean [T, E]: experts in the ``num_limited_groups`` best groups (ties: lower group id).
+
+    ``choice`` must hold no NaN (the caller maps NaN to -inf); a NaN group score (inf + -inf) ranks last."""
     T, E = choice.shape
     g = choice.view(T, num_expert_groups, E // num_expert_groups)
     if group_score == "max" or g.shape[-1] == 1:
         gs = g.max(dim=-1).values
     else:
         gs = g.topk(2, dim=-1).values.sum(dim=-1)
+    gs = gs.masked_fill(torch.isnan(gs), float("-inf"))
     keep = _stable_desc_order(gs)[:, :num_limited_groups]
     gmask = torch.zeros(T, num_expert_groups, dtype=torch.bool, device=choice.device)
     gmask.scatter_(1, keep, True)
@@ -51,15 +56,21 @@ def group_eligibility(choice: torch.Tensor, num_expert_groups: int, num_limited_
 
 def select_experts(scores: torch.Tensor, top_k: int, expert_bias, num_expert_groups: int,
                    num_limited_groups: int, group_score: str) -> torch.Tensor:
-    """Steps 3-5: the K eligible experts with the highest choice score, lowest id on ties; int32."""
+    """Steps 3-5: the K eligible experts with the highest choice score, lowest id on ties; int32.
+
+    NaN ranks below every number, -inf included: experts are ordered by (eligible, not NaN, choice)."""
     choice = scores if expert_bias is None else scores + expert_bias.float()
-    choice = torch.nan_to_num(choice, nan=float("-inf"))  # NaN ranks below every number
+    is_num = ~torch.isnan(choice)
+    choice = choice.masked_fill(~is_num, float("-inf"))
     order = _stable_desc_order(choice)
-    if num_expert_groups > 1 and num_limited_groups < num_expert_groups:
-        eligible = group_eligibility(choice, num_expert_groups, num_limited_groups, group_score)
-        # stable re-sort by eligibility keeps the choice order inside each class
-        elig_sorted = eligible.gather(1, order).to(torch.int8)
-        order = order.gather(1, _stable_desc_order(elig_sorted))
+    limited = num_expert_groups > 1 and num_limited_groups < num_expert_groups
+    if limited or expert_bias is not None:  # else scores lie in [0, 1]: no -inf can tie with a NaN
+        rank = is_num.to(torch.int8)
+        if limited:
+            eligible = group_eligibility(choice, num_expert_groups, num_limited_groups, group_score)
+            rank = rank + 2 * eligible.to(torch.int8)
+        # a stable re-sort by rank class keeps the choice order inside each class
+        order = order.gather(1, _stable_desc_order(rank.gather(1, order)))
     return order[:, :top_k].to(torch.int32)
 
 
@@ -85,18 +96,26 @@ def validate_forced_ids(forced, T: int, top_k: int, E: int, device) -> torch.Ten
     if tuple(forced.shape) != (T, top_k):
         fail(f"forced_expert_ids must have shape [T, top_k] = [{T}, {top_k}], got {list(forced.shape)}")
     forced = forced.to(device=device, dtype=torch.int64)
-    if forced.numel():
-        # one host check at validation time (replay is not the decode hot path); errors must be clear
-        bad = (forced < 0) | (forced >= E)
-        if bool(bad.any()):
-            r = int(bad.any(dim=1).nonzero()[0, 0])
-            fail(f"forced_expert_ids must lie in [0, {E}); row {r} is {forced[r].tolist()}")
-        if top_k > 1:
-            s = forced.sort(dim=1).values
-            dup = (s[:, 1:] == s[:, :-1]).any(dim=1)
-            if bool(dup.any()):
-                r = int(dup.nonzero()[0, 0])
-                fail(f"forced_expert_ids must not repeat an expert within a row; row {r} is {forced[r].tolist()}")
+    if forced.device.type == "meta" or not forced.numel():
+        return forced  # no values to check
+    bad = (forced < 0) | (forced >= E)
+    dup = None
+    if top_k > 1:
+        s = forced.sort(dim=1).values
+        dup = (s[:, 1:] == s[:, :-1]).any(dim=1)
+    if torch.compiler.is_compiling():
+        # a graph cannot branch on values: assert on the device instead
+        torch._assert_async(~bad.any(), f"forced_expert_ids must lie in [0, {E})")
+        if dup is not None:
+            torch._assert_async(~dup.any(), "forced_expert_ids must not repeat an expert within a row")
+        return forced
+    # eager: one host check at validation time (replay is not the decode hot path); errors must be clear
+    if bool(bad.any()):
+        r = int(bad.any(dim=1).nonzero()[0, 0])
+        fail(f"forced_expert_ids must lie in [0, {E}); row {r} is {forced[r].tolist()}")
+    if dup is not None and bool(dup.any()):
+        r = int(dup.nonzero()[0, 0])
+        fail(f"forced_expert_ids must not repeat an expert within a row; row {r} is {forced[r].tolist()}")
     return forced
 
 
@@ -108,6 +127,8 @@ def normalize_routing(x, gate_weight, top_k, *, gate_bias=None, score_func="soft
     if x.dim() < 1:
         fail(f"x must have shape [..., H], got {list(x.shape)}")
     H = x.shape[-1]
+    if H < 1:
+        fail(f"x must have a non-empty last dimension H, got shape {list(x.shape)}")
     x2 = x.reshape(-1, H)
     dev = x.device
     check_tensor("gate_weight", gate_weight, ndim=2, dtypes=FLOAT_DTYPES, device=dev)
@@ -125,7 +146,7 @@ def normalize_routing(x, gate_weight, top_k, *, gate_bias=None, score_func="soft
     check_choice("group_score", group_score, GROUP_SCORES)
     if not isinstance(route_norm, bool):
         fail(f"route_norm must be a bool, got {type(route_norm).__name__}", TypeError)
-    if not isinstance(route_scale, (int, float)) or isinstance(route_scale, bool):
+    if not isinstance(route_scale, numbers.Real) or isinstance(route_scale, bool):
         fail(f"route_scale must be a float, got {type(route_scale).__name__}", TypeError)
     route_scale = float(route_scale)
     if expert_bias is not None:
