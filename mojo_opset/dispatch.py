@@ -146,7 +146,7 @@ def select_backend(op: str, device_type: str, explicit: str | None = None) -> st
     """The backend id that a call of ``op`` on ``device_type`` tensors goes to (no capability check)."""
     name, source = _requested(op, explicit)
     if name is None or name.lower() == "auto":
-        return _default_for_device(device_type)
+        name = _default_for_device(device_type)
     if name == REFERENCE:
         return REFERENCE
     entry = registry.get_entry(name)
@@ -156,6 +156,10 @@ def select_backend(op: str, device_type: str, explicit: str | None = None) -> st
     if not ok:
         raise BackendError(f"backend {name!r} (from {source}) is unavailable: {reason}; "
                            f"registered: {_describe_registered()}")
+    try:
+        entry.impls()  # load here, outside any compiled graph (this function runs eagerly under compile)
+    except RuntimeError as exc:
+        raise BackendError(str(exc)) from exc
     return name
 
 
@@ -247,6 +251,14 @@ def _needs_grad(call: dict) -> bool:
         if isinstance(v, torch.Tensor) and v.requires_grad:
             return True
     return False
+
+
+def implementation(backend: str, op: str):
+    """The OpImpl of ``op`` in ``backend`` (None for the reference or when not overridden)."""
+    if backend == REFERENCE:
+        return None
+    entry = registry.get_entry(backend)
+    return None if entry is None else entry.impls().get(op)
 
 
 def decide(op: str, device_type: str, call: dict, backend: str | None = None,

@@ -15,18 +15,25 @@ from .permute import permute_reference
 EP_MODES = ("allgather", "alltoall")
 
 
-def experts_alignment(impl) -> int:
-    """The row alignment an experts implementation needs (1 for the reference paths)."""
+def impl_alignment(impl) -> int:
+    """The row alignment an experts OpImpl declares (``required_alignment``; 1 when absent)."""
     return int(getattr(impl, "required_alignment", 1) or 1) if impl is not None else 1
+
+
+def experts_alignment(device_type: str, backend=None) -> int:
+    """The row alignment the selected experts implementation needs from permute (1 for the reference).
+
+    Read from the implementation itself, not from its per-call answer: padded groups are valid input
+    for every implementation, so if it later declines the call the reference serves the same rows."""
+    name = _dispatch.select_backend(MOE_EXPERTS, device_type, backend)
+    return impl_alignment(_dispatch.implementation(name, MOE_EXPERTS))
 
 
 def compose_forward(x, topk_ids, topk_weights, w13, w2, activation="swiglu", *, backend=None):
     """The reference MoE forward, built from the (individually dispatched) sub-ops."""
     T, E = x.shape[0], w13.shape[0]
     dev = x.device
-    probe = dict(permuted_x=x, group_ends=None, w13=w13, w2=w2, activation=activation)
-    _, impl, served, _ = _dispatch.decide(MOE_EXPERTS, dev.type, probe, backend)
-    align = experts_alignment(impl) if served == "kernel" else 1
+    align = experts_alignment(dev.type, backend)
     (px, _counts, ends, _row_src, pair_row), _ = _dispatch.dispatch(
         MOE_PERMUTE, permute_reference, dict(x=x, topk_ids=topk_ids, num_experts=E, align=align),
         device=dev, backend=backend)
