@@ -13,11 +13,17 @@ from .dispatch import (BackendError, StrictFallbackError, explain, fallback_coun
 from .ops.gating import moe_gating
 from .ops.forward import moe_forward
 from .ops.names import OPS
+from .quant import QUANT_SCHEMES, QuantizedExperts, quant_moe_forward, quantize_experts
 from .registry import available_backends, refresh as refresh_backends, register_backend, unregister_backend
+from . import losses
+from .modules import GroupedExperts, MoE, Router, SharedExperts
+from .replay import RouterReplay
+from . import hf
 
 __all__ = [
     "__version__", "Backend", "OpImpl", "op_impl", "BackendError", "StrictFallbackError", "explain",
     "fallback_counts", "is_strict", "last_served", "reset_stats", "select_backend", "strict", "use_backend",
     "moe_gating", "moe_forward", "OPS", "available_backends", "refresh_backends", "register_backend",
-    "unregister_backend",
+    "unregister_backend", "QUANT_SCHEMES", "QuantizedExperts", "quant_moe_forward", "quantize_experts",
+    "losses", "hf", "MoE", "Router", "GroupedExperts", "SharedExperts", "RouterReplay",
 ]
