@@ -258,8 +258,9 @@ def test_to_and_slice_experts():
     assert torch.equal(c.w13_q, q.w13_q) and c.scheme == q.scheme
     s = q.slice_experts(1, 3)
     assert s.num_experts == 2 and torch.equal(s.dequantize()[1], q.dequantize()[1][1:3])
+    assert q.slice_experts(3, 3).num_experts == 0  # a rank that owns no experts under EP
     with pytest.raises(ValueError, match="slice_experts"):
-        q.slice_experts(3, 3)
+        q.slice_experts(3, 2)
     assert "w4a8_int4" in repr(q) and q.nbytes() < w13.numel() + w2.numel()
 
 
