@@ -1,0 +1,1 @@
+"""The ``mojo-opset`` command-line tools: ``info``, ``compare`` and ``bench``."""
