@@ -1,0 +1,40 @@
+"""Where the kernels can run: a CUDA device, or CPU tensors under the Triton interpreter."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def unavailable_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return f"triton is not importable ({type(exc).__name__}: {exc}); pip install 'mojo-opset[triton]'"
+    if interpreter_on():
+        return None
+    try:
+        if torch.cuda.is_available():
+            return None
+    except Exception:  # a broken CUDA install reads as no device
+        pass
+    return ("no CUDA device; set TRITON_INTERPRET=1 before triton is imported to run the kernels "
+            "on CPU tensors in the Triton interpreter")
+
+
+def device_reason(t: torch.Tensor) -> str | None:
+    """Why a tensor's device cannot be served (None when it can)."""
+    dev = t.device.type
+    if dev == "cuda":
+        if interpreter_on():
+            return "the Triton interpreter is on (TRITON_INTERPRET=1): CUDA tensors are not served"
+        return None
+    if dev == "cpu":
+        if interpreter_on():
+            return None
+        return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
+    return f"device type {dev!r} is not served (cuda, or cpu under the Triton interpreter)"

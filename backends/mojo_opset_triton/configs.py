@@ -1,0 +1,105 @@
+"""Tile configurations of the fused experts: tuned JSON per GPU name, else per-shape heuristics.
+
+A config is ``{"BLOCK_M": m, "up": {...}, "down": {...}}`` where each GEMM's dict holds
+BLOCK_N, BLOCK_K, GROUP_M, num_warps and num_stages; BLOCK_M is shared because both GEMMs walk the
+same block-aligned rows.  Tuned files live in ``configs/<gpu name>.json`` (written by
+``python -m mojo_opset_triton.tune``) and map a shape key to configs per token count; a lookup
+takes the entry with the nearest token count (on a log scale).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+
+import torch
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+# one fixed, small config under the interpreter (no autotuning, quick on CPU)
+INTERPRETER = {"BLOCK_M": 16,
+               "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1},
+               "down": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}}
+
+
+def gpu_file_name(device_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json"
+
+
+def shape_key(dtype: torch.dtype, E: int, H: int, I: int, K: int) -> str:
+    return f"{str(dtype).replace('torch.', '')}/E{E}_H{H}_I{I}_K{K}"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_table(device_name: str) -> dict:
+    path = os.path.join(CONFIG_DIR, gpu_file_name(device_name))
+    try:
+        with open(path) as f:
+            return json.load(f).get("configs", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def heuristic(T: int, E: int, H: int, I: int, K: int, dtype: torch.dtype, num_sms: int = 132) -> dict:
+    """Good defaults by rows per active expert: thin tiles for decode, wide tiles when compute-bound."""
+    pairs = T * K
+    active = max(1, min(E, pairs))
+    m = pairs / active
+    bk = 32 if dtype == torch.float32 else (128 if m <= 32 else 64)
+    if m <= 16:
+        bm, warps, stages, gm = 16, 4, 4, 1
+    elif m <= 32:
+        bm, warps, stages, gm = 32, 4, 4, 1
+    elif m <= 96:
+        bm, warps, stages, gm = 64, 4, 4, 8
+    else:
+        bm, warps, stages, gm = 128, 8, 3, 8
+    # narrow column blocks when too few programs would stream the weights at decode sizes
+    bn_up = 64 if m <= 96 else 128
+    if m <= 32 and active * math.ceil(I / bn_up) < 2 * num_sms:
+        bn_up = 32
+    bn_dn = 64 if m <= 96 else 128
+    if m <= 32 and active * math.ceil(H / bn_dn) < 2 * num_sms:
+        bn_dn = 32
+    if dtype == torch.float32:
+        stages = min(stages, 2)
+    return {"BLOCK_M": bm,
+            "up": {"BLOCK_N": bn_up, "BLOCK_K": bk, "GROUP_M": gm, "num_warps": warps, "num_stages": stages},
+            "down": {"BLOCK_N": bn_dn, "BLOCK_K": bk, "GROUP_M": gm, "num_warps": warps,
+                     "num_stages": stages if bm < 128 else 4}}
+
+
+def nearest(entries: dict, T: int):
+    """The entry whose token count is nearest to T on a log scale (None when empty)."""
+    best, best_d = None, None
+    for k, v in entries.items():
+        d = abs(math.log(max(int(k), 1)) - math.log(max(T, 1)))
+        if best_d is None or d < best_d:
+            best, best_d = v, d
+    return best
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(device_name: str, num_sms: int, T: int, E: int, H: int, I: int, K: int, dtype: torch.dtype) -> dict:
+    hit = nearest(_load_table(device_name).get(shape_key(dtype, E, H, I, K), {}), T)
+    return hit if hit is not None else heuristic(T, E, H, I, K, dtype, num_sms)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(index: int) -> tuple[str, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.name, props.multi_processor_count
+
+
+def get_config(x: torch.Tensor, T: int, E: int, H: int, I: int, K: int) -> dict:
+    if x.device.type != "cuda":
+        return INTERPRETER
+    name, sms = _device_info(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return _lookup(name, sms, T, E, H, I, K, x.dtype)
+
+
+def clear_cache() -> None:
+    _load_table.cache_clear()
+    _lookup.cache_clear()
