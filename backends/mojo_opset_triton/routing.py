@@ -131,7 +131,9 @@ def route(logits, expert_bias, forced_expert_ids, top_k: int, score_func: str, r
     scores = torch.empty(T, E, dtype=torch.float32, device=dev)
     if T == 0:
         return ids, w, scores
-    grouped = forced_expert_ids is None and num_expert_groups > 1 and num_limited_groups < num_expert_groups
+    # the tile layout fixes the softmax's reduction order: forced ids keep the natural call's layout so
+    # replaying the natural routing gives bit-identical weights
+    grouped = num_expert_groups > 1 and num_limited_groups < num_expert_groups
     G, GS, BG, BS = tile_shape(E, num_expert_groups, grouped)
     bias = expert_bias if expert_bias is not None else scores          # unused pointer when absent
     forced = forced_expert_ids if forced_expert_ids is not None else ids
@@ -141,7 +143,7 @@ def route(logits, expert_bias, forced_expert_ids, top_k: int, score_func: str, r
         ids, w, scores, float(route_scale),
         TOPK=top_k, BK=triton.next_power_of_2(top_k), G=G, GS=GS, L=num_limited_groups if grouped else 1,
         BG=BG, BS=BS, SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias is not None,
-        FORCED=forced_expert_ids is not None, GROUPED=grouped,
+        FORCED=forced_expert_ids is not None, GROUPED=grouped and forced_expert_ids is None,
         TOP2=group_score == "top2_sum" and GS > 1, NORM=bool(route_norm), SCALE=float(route_scale) != 1.0,
         num_warps=1 if tile <= 256 else (4 if tile <= 2048 else 8))
     return ids, w, scores

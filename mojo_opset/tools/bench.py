@@ -228,7 +228,7 @@ def run(args) -> int:
     import mojo_opset as mo
 
     from .bench_models import DEFAULT_MODELS, QUICK_MODELS, fit_to_memory, make_tokens, make_weights, resolve
-    from .bench_timing import Timer, capture_graph
+    from .bench_timing import Timer
     from .compare import DTYPE_ALIASES
     from .compare_cases import DTYPES
     from .progress import progress
@@ -384,6 +384,8 @@ def _measure(model, T, part, path, fn, capturable, timer, device, graph, flops, 
                     "error": f"{type(exc).__name__}: {exc}"})
         return out
     if graph and capturable:
+        from .bench_timing import capture_graph
+
         try:
             g = capture_graph(fn, device)
             t = timer(g.replay)

@@ -6,11 +6,13 @@
 """
 import os
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 _common = dict(deadline=None, derandomize=False, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                       HealthCheck.filter_too_much])
-settings.register_profile("ci", max_examples=int(os.environ.get("MOJO_FUZZ_EXAMPLES", "40")), **_common)
+# CI does not shrink: a failure reports its (unshrunk) example at once instead of spending minutes
+settings.register_profile("ci", max_examples=int(os.environ.get("MOJO_FUZZ_EXAMPLES", "40")),
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate], **_common)
 settings.register_profile("long", max_examples=int(os.environ.get("MOJO_FUZZ_EXAMPLES", "10000")), **_common)
 settings.load_profile(os.environ.get("MOJO_FUZZ_PROFILE", "ci"))
