@@ -19,7 +19,10 @@ def near_tie_rows(scores: torch.Tensor, K: int, expert_bias, groups: int, kept) 
     top = choice.sort(dim=1, descending=True).values[:, : min(K + 1, E)]
     gaps = top[:, :-1] - top[:, 1:]
     finite = torch.isfinite(top[:, :-1]) & torch.isfinite(top[:, 1:])
-    tie = ((gaps.abs() < TIE_EPS) & finite).any(dim=1) if gaps.numel() else torch.zeros(T, dtype=torch.bool)
+    if gaps.numel():
+        tie = ((gaps.abs() < TIE_EPS) & finite).any(dim=1)
+    else:
+        tie = torch.zeros(T, dtype=torch.bool, device=scores.device)
     if groups > 1 and kept is not None and kept < groups:
         g = choice.view(T, groups, E // groups)
         gs = torch.cat([g.max(-1).values.unsqueeze(-1),
