@@ -38,6 +38,9 @@ def _routing_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, forced_ptr, stri
         m = tl.max(tl.max(xm, axis=1), axis=0)
         ex = tl.where(valid, tl.exp(xm - m), 0.0)
         s = ex / tl.sum(tl.sum(ex, axis=1), axis=0)
+    # padding lanes alias real expert ids (g * GS + i with i >= GS): zero them so that gathering a
+    # chosen expert's score by ``lane == idx`` sees only the real lane (sigmoid(0) would add 0.5)
+    s = tl.where(valid, s, 0.0)
     tl.store(scores_ptr + t * E + lane, s, mask=valid)
 
     kk = tl.arange(0, BK)

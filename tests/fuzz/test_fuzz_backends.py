@@ -63,6 +63,10 @@ def test_forward_matches_reference(backend, case):
     bad = ~same & ~ties & _valid_rows(case)
     assert not bool(bad.any()), (f"{backend}: ids differ from the reference away from near-ties in "
                                  f"{int(bad.sum())} rows, e.g. row {int(bad.nonzero()[0, 0])}; {case.short()}")
+    # where the routing agrees, the weights are the reference's (fp32, from the same logits)
+    agree = same & _valid_rows(case)
+    assert_close_rows(info["topk_weights"], info_ref["topk_weights"], agree, torch.float32,
+                      f"{backend} weights {case.short()}")
     # NaN tokens give NaN outputs, never a crash; finite tokens match the reference on the same routing
     for r in case.nan_rows:
         assert torch.isnan(y[r]).all(), f"{backend}: NaN token {r} did not propagate"

@@ -27,3 +27,21 @@ def test_forced_natural_ids_bit_identical_with_group_limited_routing(backend):
         assert torch.equal(y2, y)
     else:  # across a fallback: within tolerance
         torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_sigmoid_weights_with_unaligned_group_size(backend):
+    """E=100 in 5 groups pads each group of 20 experts to 32 lanes; the triton routing kernel gathered
+    a chosen expert's score over all lanes with that id, and a padding lane of the previous group
+    (sigmoid(0) = 0.5) aliased it, adding 0.5 to the weight (found by the long profile on the GPU)."""
+    case = Case(T=100, H=128, E=100, K=6, I=128, dtype=torch.float16, seed=237,
+                routing=dict(score_func="sigmoid", route_norm=False, route_scale=1.0, num_expert_groups=5,
+                             num_limited_groups=1, group_score="top2_sum", router_dtype=torch.float32,
+                             gate_bias=False, expert_bias=True))
+    x, gw, _, _, kw = build(case)
+    kw = {k: v for k, v in kw.items() if not k.startswith("shared")}
+    ids, w, scores = mo.moe_gating(x, gw, case.K, backend=backend, return_scores=True, **kw)
+    ids_r, w_r, scores_r = mo.moe_gating(x, gw, case.K, backend="torch", return_scores=True, **kw)
+    assert torch.equal(ids, ids_r)
+    torch.testing.assert_close(w, w_r, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(scores, scores_r, rtol=1e-6, atol=1e-6)
