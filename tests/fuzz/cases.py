@@ -11,9 +11,9 @@ LONG = os.environ.get("MOJO_FUZZ_PROFILE", "ci") == "long"
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 # the interpreter is slow and its bf16 tl.dot is wrong: small shapes, fp16/fp32 on CPU
-MAX_T = 300 if LONG else 48
-MAX_H = 256 if (LONG or ON_GPU) else 64
-MAX_E = 300 if LONG else 40
+MAX_T = 300 if LONG else 24
+MAX_H = 256 if (LONG or ON_GPU) else 48
+MAX_E = 300 if LONG else 24
 MAX_I = 128 if (LONG or ON_GPU) else 32
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 

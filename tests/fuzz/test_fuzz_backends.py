@@ -12,11 +12,11 @@ import os
 
 import pytest
 import torch
-from hypothesis import example, given, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import mojo_opset as mo
 
-from .cases import DEVICE, Case, build, cases
+from .cases import DEVICE, LONG, Case, build, cases
 from .checks import assert_close_rows, assert_ids_valid, near_tie_rows
 
 # every available kernel backend, or the ones named in MOJO_FUZZ_BACKENDS (e.g. "triton,ttx";
@@ -88,6 +88,7 @@ def test_forward_matches_reference(backend, case):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @given(case=cases(allow_odd_inputs=False), data=st.data())
+@settings(max_examples=max(1, settings().max_examples // (1 if LONG else 3)))  # backward is slow interpreted
 def test_gradients_match_reference(backend, case, data):
     if case.T == 0:
         return
@@ -131,6 +132,7 @@ def bad_forced_ids(draw, case: Case):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @given(data=st.data())
+@settings(max_examples=settings().max_examples * (1 if LONG else 3))  # cheap: validation only
 def test_invalid_forced_ids_rejected(backend, data):
     case = data.draw(cases(allow_odd_inputs=False).filter(lambda c: c.T > 0))
     kind, ids = data.draw(bad_forced_ids(case))
