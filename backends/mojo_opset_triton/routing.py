@@ -17,13 +17,16 @@ MAX_TILE = 4096   # experts per row held in registers (groups x padded group siz
 MAX_TOP_K = 64    # top-k iterations are unrolled
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["forced"])
 def _routing_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, forced_ptr, stride_ft, stride_fk,
-                    ids_ptr, w_ptr, scores_ptr, route_scale,
+                    ids_ptr, w_ptr, scores_ptr, route_scale, forced,
                     TOPK: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
                     L: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, SIGMOID: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, FORCED: tl.constexpr, GROUPED: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr,
                     TOP2: tl.constexpr, NORM: tl.constexpr, SCALE: tl.constexpr):
+    # ``forced`` is a runtime flag, not a constexpr: replaying the natural routing runs the very same
+    # compiled kernel, so the scores and weights are bit-identical (a separately compiled variant
+    # may evaluate the softmax with other instructions)
     t = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, BG)[:, None]
     i = tl.arange(0, BS)[None, :]
@@ -44,16 +47,10 @@ def _routing_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, forced_ptr, stri
     tl.store(scores_ptr + t * E + lane, s, mask=valid)
 
     kk = tl.arange(0, BK)
-    ids = tl.zeros([BK], dtype=tl.int32)
-    wv = tl.zeros([BK], dtype=tl.float32)
-    if FORCED:
-        fid = tl.load(forced_ptr + t * stride_ft + kk * stride_fk, mask=kk < TOPK, other=0).to(tl.int32)
-        for k in tl.static_range(TOPK):
-            idx = tl.sum(tl.where(kk == k, fid, 0), axis=0)
-            wk = tl.sum(tl.sum(tl.where(lane == idx, s, 0.0), axis=1), axis=0)
-            ids = tl.where(kk == k, idx, ids)
-            wv = tl.where(kk == k, wk, wv)
+    if forced != 0:
+        ids = tl.load(forced_ptr + t * stride_ft + kk * stride_fk, mask=kk < TOPK, other=0).to(tl.int32)
     else:
+        ids = tl.zeros([BK], dtype=tl.int32)
         choice = s
         if HAS_BIAS:
             choice = choice + tl.load(bias_ptr + lane, mask=valid, other=0.0).to(tl.float32)
@@ -88,9 +85,13 @@ def _routing_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, forced_ptr, stri
             cand = tl.where(n_num > 0, num_avail & (cur == best), avail)
             idx = tl.min(tl.min(tl.where(cand, lane, E), axis=1), axis=0)
             avail = avail & (lane != idx)
-            wk = tl.sum(tl.sum(tl.where(lane == idx, s, 0.0), axis=1), axis=0)
             ids = tl.where(kk == k, idx, ids)
-            wv = tl.where(kk == k, wk, wv)
+    # one gather for both paths: the weights of the chosen (or given) experts from the unbiased scores
+    wv = tl.zeros([BK], dtype=tl.float32)
+    for k in tl.static_range(TOPK):
+        idx = tl.sum(tl.where(kk == k, ids, 0), axis=0)
+        wk = tl.sum(tl.sum(tl.where(lane == idx, s, 0.0), axis=1), axis=0)
+        wv = tl.where(kk == k, wk, wv)
     if NORM:
         wv = wv / (tl.sum(tl.where(kk < TOPK, wv, 0.0), axis=0) + 1e-20)
     if SCALE:
@@ -143,10 +144,10 @@ def route(logits, expert_bias, forced_expert_ids, top_k: int, score_func: str, r
     tile = BG * BS
     _routing_kernel[(T,)](
         logits, logits.stride(0), logits.stride(1), bias, forced, forced.stride(0), forced.stride(1),
-        ids, w, scores, float(route_scale),
+        ids, w, scores, float(route_scale), int(forced_expert_ids is not None),
         TOPK=top_k, BK=triton.next_power_of_2(top_k), G=G, GS=GS, L=num_limited_groups if grouped else 1,
         BG=BG, BS=BS, SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias is not None,
-        FORCED=forced_expert_ids is not None, GROUPED=grouped and forced_expert_ids is None,
+        GROUPED=grouped,
         TOP2=group_score == "top2_sum" and GS > 1, NORM=bool(route_norm), SCALE=float(route_scale) != 1.0,
         num_warps=1 if tile <= 256 else (4 if tile <= 2048 else 8))
     return ids, w, scores
