@@ -19,12 +19,29 @@ DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "f32": "float32", "fp1
 GEMM_OPS = ("moe_experts", "moe_forward", "quant_moe_forward")
 
 
-def _summarize_served(last: dict) -> tuple[str, list[str]]:
-    """One served_by for a case from the per-op records of its calls."""
-    fallback = [f"{op}: {why}" for op, rec in last.items() if rec.get("served_by") == "fallback"
+# the sub-ops that compute an op's result when the backend does not override the op itself
+_COMPONENTS = {"moe_forward": ("moe_permute", "moe_experts", "moe_combine")}
+
+
+def _summarize_served(last: dict, op: str | None = None) -> tuple[str, list[str]]:
+    """One served_by for a case from the per-op records of its calls.
+
+    Any fallback makes the case a fallback. Otherwise the case's own op decides: "kernel" when its
+    override served it (or, for an op the backend does not override, when kernels served the sub-ops
+    that compute it, e.g. permute/experts/combine for moe_forward); a kernel that served only the
+    routing of a quantized MoE does not make the quantized experts a kernel."""
+    fallback = [f"{o}: {why}" for o, rec in last.items() if rec.get("served_by") == "fallback"
                 for why in rec.get("reasons", [])]
     if fallback or any(rec.get("served_by") == "fallback" for rec in last.values()):
         return "fallback", fallback
+    own = last.get(op, {}).get("served_by") if op else None
+    if own == "kernel":
+        return "kernel", []
+    if own == "no override":
+        parts = _COMPONENTS.get(op, ())
+        if any(last.get(p, {}).get("served_by") == "kernel" for p in parts):
+            return "kernel", []
+        return "no override", []
     if any(rec.get("served_by") == "kernel" for rec in last.values()):
         return "kernel", []
     if last and all(rec.get("served_by") == "reference" for rec in last.values()):
@@ -82,7 +99,7 @@ def run_case(case, backend: str, device, interpreted: bool):
         raised = None
     except Exception as exc:
         raised = exc
-    served_by, reasons = _summarize_served(mo.last_served())
+    served_by, reasons = _summarize_served(mo.last_served(), case.op)
     res = Result(case, backend, "PASS", served_by, reasons)
     if raised is not None:
         res.status = "FAIL"
