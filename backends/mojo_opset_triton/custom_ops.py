@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from mojo_opset.ops import shapes
+
 from . import align as _align
 from . import combine as _combine
 from . import moe as _moe
@@ -24,9 +26,7 @@ def moe_gating(logits: Tensor, expert_bias: Optional[Tensor], forced_expert_ids:
 @moe_gating.register_fake
 def _(logits, expert_bias, forced_expert_ids, top_k, score_func, route_norm, route_scale, num_expert_groups,
       num_limited_groups, group_score):
-    T, E = logits.shape
-    return (logits.new_empty(T, top_k, dtype=torch.int32), logits.new_empty(T, top_k, dtype=torch.float32),
-            logits.new_empty(T, E, dtype=torch.float32))
+    return shapes.gating_outputs(logits, top_k)
 
 
 @torch.library.custom_op("mojo_triton::moe_permute", mutates_args=())
@@ -36,11 +36,7 @@ def moe_permute(x: Tensor, topk_ids: Tensor, num_experts: int, align: int) -> tu
 
 @moe_permute.register_fake
 def _(x, topk_ids, num_experts, align):
-    P = topk_ids.shape[0] * topk_ids.shape[1]
-    R = P if align == 1 else P + num_experts * (align - 1)
-    i32 = dict(dtype=torch.int32)
-    return (x.new_empty(R, x.shape[1]), x.new_empty(num_experts, **i32), x.new_empty(num_experts, **i32),
-            x.new_empty(R, **i32), x.new_empty(P, **i32))
+    return shapes.permute_outputs(x, topk_ids, num_experts, align)
 
 
 @torch.library.custom_op("mojo_triton::moe_combine", mutates_args=())
@@ -50,7 +46,7 @@ def moe_combine(expert_out: Tensor, pair_row: Tensor, topk_weights: Tensor, num_
 
 @moe_combine.register_fake
 def _(expert_out, pair_row, topk_weights, num_tokens):
-    return expert_out.new_empty(num_tokens, expert_out.shape[1])
+    return shapes.combine_output(expert_out, num_tokens)
 
 
 @torch.library.custom_op("mojo_triton::fused_moe", mutates_args=())

@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from mojo_opset.ops import shapes
+
 from . import combine_kernel, experts_kernel, gating_kernel, permute_kernel
 
 
@@ -25,9 +27,7 @@ def gating(logits: Tensor, top_k: int, score_func: str, route_norm: bool, route_
 @gating.register_fake
 def _(logits, top_k, score_func, route_norm, route_scale, expert_bias, num_expert_groups,
       num_limited_groups, group_score):
-    T, E = logits.shape
-    return (logits.new_empty(T, top_k, dtype=torch.int32), logits.new_empty(T, top_k, dtype=torch.float32),
-            logits.new_empty(T, E, dtype=torch.float32))
+    return shapes.gating_outputs(logits, top_k)
 
 
 @torch.library.custom_op("mojo_ttx::permute", mutates_args=())
@@ -37,11 +37,7 @@ def permute(x: Tensor, topk_ids: Tensor, num_experts: int, align: int) -> Tuple[
 
 @permute.register_fake
 def _(x, topk_ids, num_experts, align):
-    P = topk_ids.shape[0] * topk_ids.shape[1]
-    R = P if align == 1 else P + num_experts * (align - 1)
-    i32 = torch.int32
-    return (x.new_empty(R, x.shape[1]), x.new_empty(num_experts, dtype=i32), x.new_empty(num_experts, dtype=i32),
-            x.new_empty(R, dtype=i32), x.new_empty(P, dtype=i32))
+    return shapes.permute_outputs(x, topk_ids, num_experts, align)
 
 
 @torch.library.custom_op("mojo_ttx::experts", mutates_args=())
@@ -61,4 +57,4 @@ def combine(expert_out: Tensor, pair_row: Tensor, topk_weights: Tensor, num_toke
 
 @combine.register_fake
 def _(expert_out, pair_row, topk_weights, num_tokens):
-    return expert_out.new_empty(num_tokens, expert_out.shape[1])
+    return shapes.combine_output(expert_out, num_tokens)
