@@ -3,17 +3,13 @@ NCCL with 2 GPUs.  Each suite runs in one set of worker processes (tests/distrib
 every scenario here reports what the workers measured for it."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from distributed_worker import TIMEOUT_S, scenario_names
+from distributed_worker import scenario_names
+from rank_launcher import launch_ranks
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 LAUNCH_TIMEOUT_S = 420         # a whole suite; the workers' own collectives time out after TIMEOUT_S
@@ -34,35 +30,8 @@ def run_suite(suite: str, world: int, tmp_path_factory) -> list[dict]:
 
 
 def _launch(suite, world, tmp: Path) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    logs = [open(tmp / f"log{r}.txt", "w") for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), suite, str(r), str(world), str(tmp / "init"), str(tmp)],
-                              stdout=logs[r], stderr=subprocess.STDOUT, env=env) for r in range(world)]
-    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-    try:
-        for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for p in procs:
-            p.wait()
-        raise AssertionError(f"{suite} workers did not finish within {LAUNCH_TIMEOUT_S}s:\n" + _tails(tmp, world))
-    finally:
-        for f in logs:
-            f.close()
-    out = []
-    for r in range(world):
-        path = tmp / f"rank{r}.json"
-        if not path.exists():
-            raise AssertionError(f"rank {r} wrote no results (exit {procs[r].returncode}):\n" + _tails(tmp, world))
-        out.append(json.loads(path.read_text()))
-    return out
-
-
-def _tails(tmp: Path, world: int) -> str:
-    return "\n".join(f"--- rank {r}:\n" + (tmp / f"log{r}.txt").read_text()[-3000:] for r in range(world))
+    return launch_ranks(lambda r: [str(WORKER), suite, str(r), str(world), str(tmp / "init"), str(tmp)],
+                        world, tmp, LAUNCH_TIMEOUT_S, f"{suite} workers")
 
 
 def check_scenario(results: list[dict], scenario: str) -> None:

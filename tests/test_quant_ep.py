@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -93,27 +91,10 @@ _cache: dict = {}
 
 
 def _launch(tmp: Path, world=2):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    logs = [open(tmp / f"log{r}.txt", "w") for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(tmp / "init"), str(tmp)],
-                              stdout=logs[r], stderr=subprocess.STDOUT, env=env) for r in range(world)]
-    try:
-        for p in procs:
-            p.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-            p.wait()
-    finally:
-        for f in logs:
-            f.close()
-    out = []
-    for r in range(world):
-        path = tmp / f"rank{r}.json"
-        if not path.exists():
-            raise AssertionError(f"rank {r} wrote no results:\n" + (tmp / f"log{r}.txt").read_text()[-3000:])
-        out.append(json.loads(path.read_text()))
-    return out
+    from rank_launcher import launch_ranks
+
+    return launch_ranks(lambda r: [__file__, str(r), str(world), str(tmp / "init"), str(tmp)], world, tmp, 300,
+                        "quantized EP workers")
 
 
 @pytest.mark.distributed
