@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.8.0
 
-.PHONY: setup compare test info bench clean
+.PHONY: setup compare test info bench fuzz-long clean
 
 $(BIN)/mojo-opset: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,9 @@ info: setup
 
 bench: setup
 	$(BIN)/mojo-opset bench $(ARGS)
+
+fuzz-long: setup  ## the long fuzz profile in parallel shards (docs/fuzzing.md), e.g. ARGS="--shards 6"
+	$(BIN)/python tests/fuzz/long_run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

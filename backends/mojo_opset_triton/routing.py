@@ -14,16 +14,21 @@ import triton
 import triton.language as tl
 
 MAX_TILE = 4096   # experts per row held in registers (groups x padded group size)
-MAX_TOP_K = 64    # top-k iterations are unrolled
+MAX_TOP_K = 64    # selected experts per row held in registers
 
 
-@triton.jit(do_not_specialize=["forced"])
+# Only the padded tile (BK, BG, BS) is compile-time.  Sizes (TOPK, G, GS, L) and options (score function,
+# bias, group limiting, group score, normalisation) are runtime values, uniform over the grid, with
+# Triton's integer specialisations turned off: one compiled variant per tile and logits dtype serves
+# every model and option set, instead of one per (E, K, groups, options) combination.
+_RUNTIME = ["forced", "TOPK", "G", "GS", "L", "SIGMOID", "HAS_BIAS", "GROUPED", "TOP2", "NORM"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME)
 def _routing_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, forced_ptr, stride_ft, stride_fk,
-                    ids_ptr, w_ptr, scores_ptr, route_scale, forced,
-                    TOPK: tl.constexpr, BK: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
-                    L: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, SIGMOID: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr,
-                    TOP2: tl.constexpr, NORM: tl.constexpr, SCALE: tl.constexpr):
+                    ids_ptr, w_ptr, scores_ptr, route_scale, forced, TOPK, G, GS, L,
+                    SIGMOID, HAS_BIAS, GROUPED, TOP2, NORM,
+                    BK: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr):
     # ``forced`` is a runtime flag, not a constexpr: replaying the natural routing runs the very same
     # compiled kernel, so the scores and weights are bit-identical (a separately compiled variant
     # may evaluate the softmax with other instructions)
@@ -34,7 +39,7 @@ def _routing_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, forced_ptr, stri
     valid = (g < G) & (i < GS)
     E = G * GS
     x = tl.load(logits_ptr + t * stride_lt + lane * stride_le, mask=valid, other=0.0).to(tl.float32)
-    if SIGMOID:
+    if SIGMOID != 0:
         s = 1.0 / (1.0 + tl.exp(-x))
     else:
         xm = tl.where(valid, x, float("-inf"))
@@ -52,15 +57,15 @@ def _routing_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, forced_ptr, stri
     else:
         ids = tl.zeros([BK], dtype=tl.int32)
         choice = s
-        if HAS_BIAS:
+        if HAS_BIAS != 0:
             choice = choice + tl.load(bias_ptr + lane, mask=valid, other=0.0).to(tl.float32)
         isnum = choice == choice
         choice = tl.where(isnum, choice, float("-inf"))
         avail = valid
-        if GROUPED:
+        if GROUPED != 0:
             c = tl.where(valid, choice, float("-inf"))
             m1 = tl.max(c, axis=1)
-            if TOP2:
+            if TOP2 != 0:
                 first = tl.min(tl.where(valid & (c == m1[:, None]), i, BS), axis=1)
                 m2 = tl.max(tl.where(i == first[:, None], float("-inf"), c), axis=1)
                 gsc = m1 + m2
@@ -70,14 +75,14 @@ def _routing_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, forced_ptr, stri
             gid = tl.arange(0, BG)
             gavail = gid < G
             keep = gid < 0
-            for _ in tl.static_range(L):
+            for _ in range(L):
                 cur = tl.where(gavail, gsc, float("-inf"))
                 best = tl.max(cur, axis=0)
                 pick = tl.min(tl.where(gavail & (cur == best), gid, BG), axis=0)
                 keep = keep | (gid == pick)
                 gavail = gavail & (gid != pick)
             avail = valid & keep[:, None]
-        for k in tl.static_range(TOPK):
+        for k in range(TOPK):
             num_avail = avail & isnum
             cur = tl.where(num_avail, choice, float("-inf"))
             best = tl.max(tl.max(cur, axis=1), axis=0)
@@ -88,14 +93,13 @@ def _routing_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, forced_ptr, stri
             ids = tl.where(kk == k, idx, ids)
     # one gather for both paths: the weights of the chosen (or given) experts from the unbiased scores
     wv = tl.zeros([BK], dtype=tl.float32)
-    for k in tl.static_range(TOPK):
+    for k in range(TOPK):
         idx = tl.sum(tl.where(kk == k, ids, 0), axis=0)
         wk = tl.sum(tl.sum(tl.where(lane == idx, s, 0.0), axis=1), axis=0)
         wv = tl.where(kk == k, wk, wv)
-    if NORM:
+    if NORM != 0:
         wv = wv / (tl.sum(tl.where(kk < TOPK, wv, 0.0), axis=0) + 1e-20)
-    if SCALE:
-        wv = wv * route_scale
+    wv = wv * route_scale          # exact when route_scale is 1
     tl.store(ids_ptr + t * TOPK + kk, ids, mask=kk < TOPK)
     tl.store(w_ptr + t * TOPK + kk, wv, mask=kk < TOPK)
 
@@ -145,9 +149,9 @@ def route(logits, expert_bias, forced_expert_ids, top_k: int, score_func: str, r
     _routing_kernel[(T,)](
         logits, logits.stride(0), logits.stride(1), bias, forced, forced.stride(0), forced.stride(1),
         ids, w, scores, float(route_scale), int(forced_expert_ids is not None),
-        TOPK=top_k, BK=triton.next_power_of_2(top_k), G=G, GS=GS, L=num_limited_groups if grouped else 1,
-        BG=BG, BS=BS, SIGMOID=score_func == "sigmoid", HAS_BIAS=expert_bias is not None,
-        GROUPED=grouped,
-        TOP2=group_score == "top2_sum" and GS > 1, NORM=bool(route_norm), SCALE=float(route_scale) != 1.0,
+        top_k, G, GS, num_limited_groups if grouped else 1,
+        int(score_func == "sigmoid"), int(expert_bias is not None), int(grouped),
+        int(group_score == "top2_sum" and GS > 1), int(bool(route_norm)),
+        BK=triton.next_power_of_2(top_k), BG=BG, BS=BS,
         num_warps=1 if tile <= 256 else (4 if tile <= 2048 else 8))
     return ids, w, scores

@@ -55,11 +55,20 @@ def can_use_grouped_mm(t: torch.Tensor, w2: torch.Tensor | None = None) -> bool:
     return grouped_mm_available(t.device.type, t.dtype, cap)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` contiguous and starting on a 16-byte boundary, as ``torch._grouped_mm`` requires: a
+    contiguous view that starts mid-storage (a slice of a flat parameter buffer, say) is copied."""
+    t = t.contiguous()
+    if torch.compiler.is_compiling():   # no data pointers while tracing; Inductor copies misaligned inputs
+        return t
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 def experts_grouped_mm(permuted_x, group_ends, w13, w2, activation="swiglu"):
     dtype = permuted_x.dtype
     ends = group_ends.to(torch.int32)
-    permuted_x = permuted_x.contiguous()
-    w13, w2 = w13.to(dtype).contiguous(), w2.to(dtype).contiguous()  # row strides of 16 bytes
+    permuted_x = _aligned(permuted_x)
+    w13, w2 = _aligned(w13.to(dtype)), _aligned(w2.to(dtype))  # row strides of 16 bytes, aligned starts
     h = torch._grouped_mm(permuted_x, w13.transpose(1, 2), offs=ends)
     a = swiglu(h, dtype)
     y = torch._grouped_mm(a, w2.transpose(1, 2), offs=ends)

@@ -32,14 +32,39 @@ class Case:
     shared_gate: bool = False
     nan_rows: tuple = ()
     inf_rows: tuple = ()
-    noncontig: bool = False
+    x_layout: str = "contiguous"   # one of X_LAYOUTS
+    w_layout: str = "contiguous"   # one of W_LAYOUTS: gate_weight, w13, w2 (and the shared weights)
     ties: bool = False
 
     def short(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.routing.items() if v not in (None, False))
         return (f"T{self.T} H{self.H} E{self.E} K{self.K} I{self.I} {str(self.dtype)[6:]} seed{self.seed} "
                 f"{opts} shared={self.shared} nan={self.nan_rows} inf={self.inf_rows} "
-                f"noncontig={self.noncontig} ties={self.ties}")
+                f"x={self.x_layout} w={self.w_layout} ties={self.ties}")
+
+
+# how a tensor is laid out in memory: "strided" is every other column of a wider buffer, "offset" a
+# slice starting 3 elements into its storage (misaligned), "transposed" the transpose of a contiguous
+# [..., cols, rows] buffer (column-major weights)
+X_LAYOUTS = ("contiguous", "strided", "offset")
+W_LAYOUTS = ("contiguous", "offset", "transposed")
+
+
+def place(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t``'s values in the given memory layout (a view of a new buffer)."""
+    if layout == "contiguous":
+        return t.clone()
+    if layout == "strided":
+        wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    if layout == "offset":
+        buf = torch.zeros(t.numel() + 3, dtype=t.dtype, device=t.device)
+        buf[3:] = t.reshape(-1)
+        return buf[3:].view(t.shape)
+    if layout == "transposed":
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    raise ValueError(f"layout must be one of {X_LAYOUTS + W_LAYOUTS}, got {layout!r}")
 
 
 def _divisors(n: int) -> list[int]:
@@ -71,16 +96,17 @@ def cases(draw, allow_odd_inputs: bool = True) -> Case:
         expert_bias=draw(st.booleans()),
     )
     nan_rows = inf_rows = ()
-    noncontig = False
     if allow_odd_inputs and T > 0:
         if draw(st.integers(0, 9)) == 0:
             nan_rows = (draw(st.integers(0, T - 1)),)
         if draw(st.integers(0, 9)) == 0:
             inf_rows = (draw(st.integers(0, T - 1)),)
-        noncontig = draw(st.integers(0, 4)) == 0
+    # contiguous about half the time; each other layout about a sixth
+    x_layout = draw(st.sampled_from(("contiguous",) * 4 + X_LAYOUTS[1:] * 2))
+    w_layout = draw(st.sampled_from(("contiguous",) * 4 + W_LAYOUTS[1:] * 2))
     return Case(T, H, E, K, I, dtype, draw(st.integers(0, 2**31 - 1)), routing,
                 shared=draw(st.integers(0, 3)) == 0, shared_gate=draw(st.booleans()),
-                nan_rows=nan_rows, inf_rows=inf_rows, noncontig=noncontig,
+                nan_rows=nan_rows, inf_rows=inf_rows, x_layout=x_layout, w_layout=w_layout,
                 ties=draw(st.integers(0, 5)) == 0)
 
 
@@ -93,19 +119,17 @@ def build(case: Case, requires_grad: bool = False):
         return (torch.randn(*shape, generator=g) * scale).to(dt).to(dev)
 
     x = rnd(case.T, case.H)
-    if case.noncontig:  # a strided view of a wider buffer
-        wide = rnd(case.T, 2 * case.H)
-        wide[:, ::2] = x
-        x = wide[:, ::2]
     for r in case.nan_rows:
         x[r] = float("nan")
     for r in case.inf_rows:
         x[r, 0] = float("inf")
+    x = place(x, case.x_layout)
     gw = rnd(case.E, case.H, scale=case.H ** -0.5)
     if case.ties and case.E > 1:  # duplicated router rows give exactly tied scores
         gw[1::2] = gw[0:-1:2][: gw[1::2].shape[0]]
-    w13 = rnd(case.E, 2 * case.I, case.H, scale=case.H ** -0.5)
-    w2 = rnd(case.E, case.H, case.I, scale=case.I ** -0.5)
+    gw = place(gw, case.w_layout)
+    w13 = place(rnd(case.E, 2 * case.I, case.H, scale=case.H ** -0.5), case.w_layout)
+    w2 = place(rnd(case.E, case.H, case.I, scale=case.I ** -0.5), case.w_layout)
     r = dict(case.routing)
     kw = {k: r[k] for k in ("score_func", "route_norm", "route_scale", "num_expert_groups",
                             "num_limited_groups", "group_score", "router_dtype")}
@@ -114,11 +138,46 @@ def build(case: Case, requires_grad: bool = False):
     if r["expert_bias"]:
         kw["expert_bias"] = (torch.randn(case.E, generator=g) * 0.05).to(dev)
     if case.shared:
-        kw["shared_w13"] = rnd(2 * case.I, case.H, scale=case.H ** -0.5)
-        kw["shared_w2"] = rnd(case.H, case.I, scale=case.I ** -0.5)
+        kw["shared_w13"] = place(rnd(2 * case.I, case.H, scale=case.H ** -0.5), case.w_layout)
+        kw["shared_w2"] = place(rnd(case.H, case.I, scale=case.I ** -0.5), case.w_layout)
         if case.shared_gate:
             kw["shared_gate"] = rnd(1, case.H, scale=case.H ** -0.5)
     if requires_grad:
         for t in (x, gw, w13, w2):
             t.requires_grad_(True)
     return x, gw, w13, w2, kw
+
+
+@dataclass
+class QuantCase:
+    case: Case
+    scheme: str
+    group_size: int | None
+
+    def expected_error(self) -> str | None:
+        """The argument a valid library must name when it rejects this combination, else None."""
+        H, I = self.case.H, self.case.I
+        if self.scheme.startswith("w4"):
+            g = self.group_size or 128
+            return "group_size" if H % g or I % g else None
+        if self.scheme.endswith("fp8_block") and I % 128:
+            return "multiple of 128"
+        return None
+
+    def short(self) -> str:
+        return f"{self.scheme} group={self.group_size} {self.case.short()}"
+
+
+@st.composite
+def quant_cases(draw) -> QuantCase:
+    """A problem and a quantization scheme, the scheme's constraints on H and I met most of the time."""
+    from mojo_opset import QUANT_SCHEMES
+    case = draw(cases(allow_odd_inputs=False))
+    scheme = draw(st.sampled_from(QUANT_SCHEMES))
+    group = None
+    if scheme.endswith("fp8_block") and draw(st.integers(0, 3)) > 0:
+        case.I = 128                   # fp8 blocks are 128 x 128 and may not straddle w13's halves
+    if scheme.startswith("w4"):
+        fits = [g for g in (16, 32, 64, 128) if case.H % g == 0 and case.I % g == 0]
+        group = draw(st.sampled_from([None] + fits))
+    return QuantCase(case, scheme, group)

@@ -1,6 +1,6 @@
 """Hypothesis profiles for the backend fuzzer.
 
-``ci`` (default): about 300 cases per run, small shapes, for the CPU interpreter (~2 minutes).
+``ci`` (default): about 250 cases per run, small shapes, for the CPU interpreter (~2 minutes).
 ``long``: >= 10,000 cases per backend and the full size ranges, for the GPU machine:
 ``MOJO_FUZZ_PROFILE=long pytest tests/fuzz``.
 """
@@ -22,7 +22,7 @@ def _phases(default_shrink: bool):
     return _no_shrink + ([Phase.target, Phase.shrink] if on else [])
 
 
-settings.register_profile("ci", max_examples=int(os.environ.get("MOJO_FUZZ_EXAMPLES", "30")),
+settings.register_profile("ci", max_examples=int(os.environ.get("MOJO_FUZZ_EXAMPLES", "24")),
                           phases=_phases(False), **_common)
 settings.register_profile("long", max_examples=int(os.environ.get("MOJO_FUZZ_EXAMPLES", "10000")),
                           phases=_phases(True), **_common)

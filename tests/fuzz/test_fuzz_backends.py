@@ -4,7 +4,10 @@ Properties: ids in range and unique per row; ids equal the reference's except at
 (checks.TIE_EPS); outputs within the backend's tolerance of the reference computed on the backend's own
 routing; a backend serves a case or declines it with reasons, never crashes; forced ids equal to the
 natural routing reproduce the output (bit-identical when the same implementation serves both);
-gradients match; invalid forced ids are rejected with an error naming ``forced_expert_ids``.
+gradients match; quantized forwards match the quantized reference on the same routing, and a scheme's
+bad H/I/group size is rejected naming the argument; invalid forced ids are rejected with an error naming
+``forced_expert_ids``.  Inputs come in several memory layouts (strided, misaligned offsets, transposed
+weights).
 """
 from __future__ import annotations
 
@@ -16,8 +19,9 @@ from hypothesis import example, given, settings, strategies as st
 
 import mojo_opset as mo
 
-from .cases import DEVICE, LONG, Case, build, cases
+from .cases import DEVICE, LONG, Case, QuantCase, build, cases, quant_cases
 from .checks import assert_close_rows, assert_ids_valid, near_tie_rows
+from .record import recorded
 
 # every available kernel backend, or the ones named in MOJO_FUZZ_BACKENDS (e.g. "triton,ttx";
 # naming "torch" fuzzes the reference against itself, a check of the harness)
@@ -42,21 +46,11 @@ def _valid_rows(case: Case) -> torch.Tensor:
     return rows
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@given(case=cases())
-@example(case=Case(0, 16, 4, 2, 16, torch.float32, 1, dict(score_func="softmax", route_norm=False,
-                   route_scale=1.0, num_expert_groups=1, num_limited_groups=None, group_score="top2_sum",
-                   router_dtype=torch.float32, gate_bias=False, expert_bias=False)))
-def test_forward_matches_reference(backend, case):
-    x, gw, w13, w2, kw = build(case)
-    mo.reset_stats()
-    y, info = mo.moe_forward(x, gw, w13, w2, case.K, return_router_info=True, backend=backend, **kw)
-    _served_ok()
-    assert y.shape == x.shape and y.dtype == x.dtype
+def _check_routing(backend: str, case: Case, info: dict, info_ref: dict, kw: dict) -> torch.Tensor:
+    """ids valid, equal to the reference's away from near-ties, weights equal where the ids agree;
+    returns the backend's ids."""
     ids = info["topk_ids"]
     assert_ids_valid(ids, case.E, case.K, f"{backend} {case.short()}")
-
-    y_ref, info_ref = mo.moe_forward(x, gw, w13, w2, case.K, return_router_info=True, backend="torch", **kw)
     ties = near_tie_rows(info_ref["scores"], case.K, kw.get("expert_bias"), case.routing["num_expert_groups"],
                          case.routing["num_limited_groups"])
     same = (ids == info_ref["topk_ids"]).all(dim=1)
@@ -67,11 +61,31 @@ def test_forward_matches_reference(backend, case):
     agree = same & _valid_rows(case)
     assert_close_rows(info["topk_weights"], info_ref["topk_weights"], agree, torch.float32,
                       f"{backend} weights {case.short()}")
+    return ids
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@given(case=cases())
+@example(case=Case(0, 16, 4, 2, 16, torch.float32, 1, dict(score_func="softmax", route_norm=False,
+                   route_scale=1.0, num_expert_groups=1, num_limited_groups=None, group_score="top2_sum",
+                   router_dtype=torch.float32, gate_bias=False, expert_bias=False)))
+def test_forward_matches_reference(backend, case):
+    with recorded("forward", backend, case):
+        _forward_matches_reference(backend, case)
+
+
+def _forward_matches_reference(backend, case):
+    x, gw, w13, w2, kw = build(case)
+    mo.reset_stats()
+    y, info = mo.moe_forward(x, gw, w13, w2, case.K, return_router_info=True, backend=backend, **kw)
+    _served_ok()
+    assert y.shape == x.shape and y.dtype == x.dtype
+    _, info_ref = mo.moe_forward(x, gw, w13, w2, case.K, return_router_info=True, backend="torch", **kw)
+    ids = _check_routing(backend, case, info, info_ref, kw)
     # NaN tokens give NaN outputs, never a crash; finite tokens match the reference on the same routing
     for r in case.nan_rows:
         assert torch.isnan(y[r]).all(), f"{backend}: NaN token {r} did not propagate"
-    y_ref_same, _ = mo.moe_forward(x, gw, w13, w2, case.K, return_router_info=True, backend="torch",
-                                   forced_expert_ids=ids, **kw)
+    y_ref_same = mo.moe_forward(x, gw, w13, w2, case.K, backend="torch", forced_expert_ids=ids, **kw)
     assert_close_rows(y, y_ref_same, _valid_rows(case), case.dtype, f"{backend} {case.short()}")
 
     # replaying the backend's own routing reproduces its output
@@ -87,11 +101,45 @@ def test_forward_matches_reference(backend, case):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@given(qc=quant_cases())
+@settings(max_examples=max(1, settings().max_examples // (1 if LONG else 3)))  # the quantized reference is slow
+def test_quant_forward_matches_reference(backend, qc: QuantCase):
+    with recorded("quant", backend, qc):
+        _quant_forward_matches_reference(backend, qc)
+
+
+def _quant_forward_matches_reference(backend, qc: QuantCase):
+    case = qc.case
+    x, gw, w13, w2, kw = build(case)
+    expected = qc.expected_error()
+    if expected is not None:   # a combination the scheme cannot hold: a clear error, not a wrong answer
+        with pytest.raises(ValueError, match=expected):
+            mo.quantize_experts(w13, w2, qc.scheme, group_size=qc.group_size)
+        return
+    q = mo.quantize_experts(w13, w2, qc.scheme, group_size=qc.group_size)
+    mo.reset_stats()
+    y, info = mo.quant_moe_forward(x, gw, q, case.K, return_router_info=True, backend=backend, **kw)
+    _served_ok()
+    assert y.shape == x.shape and y.dtype == x.dtype
+    _, info_ref = mo.quant_moe_forward(x, gw, q, case.K, return_router_info=True, backend="torch", **kw)
+    ids = _check_routing(backend, case, info, info_ref, kw)
+    y_ref_same = mo.quant_moe_forward(x, gw, q, case.K, backend="torch", forced_expert_ids=ids, **kw)
+    assert_close_rows(y, y_ref_same, _valid_rows(case), case.dtype, f"{backend} {qc.short()}")
+    y_forced = mo.quant_moe_forward(x, gw, q, case.K, backend=backend, forced_expert_ids=ids, **kw)
+    assert_close_rows(y_forced, y, _valid_rows(case), case.dtype, f"{backend} forced vs natural {qc.short()}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @given(case=cases(allow_odd_inputs=False), data=st.data())
 @settings(max_examples=max(1, settings().max_examples // (1 if LONG else 3)))  # backward is slow interpreted
 def test_gradients_match_reference(backend, case, data):
     if case.T == 0:
         return
+    with recorded("gradients", backend, case):
+        _gradients_match_reference(backend, case)
+
+
+def _gradients_match_reference(backend, case):
     case.dtype = torch.float32
     x, gw, w13, w2, kw = build(case, requires_grad=True)
     y, info = mo.moe_forward(x, gw, w13, w2, case.K, return_router_info=True, backend=backend, **kw)
@@ -137,5 +185,6 @@ def test_invalid_forced_ids_rejected(backend, data):
     case = data.draw(cases(allow_odd_inputs=False).filter(lambda c: c.T > 0))
     kind, ids = data.draw(bad_forced_ids(case))
     x, gw, w13, w2, kw = build(case)
-    with pytest.raises((ValueError, TypeError), match="forced_expert_ids"):
-        mo.moe_forward(x, gw, w13, w2, case.K, backend=backend, forced_expert_ids=ids.to(DEVICE), **kw)
+    with recorded("invalid_ids", backend, case, kind=kind):
+        with pytest.raises((ValueError, TypeError), match="forced_expert_ids"):
+            mo.moe_forward(x, gw, w13, w2, case.K, backend=backend, forced_expert_ids=ids.to(DEVICE), **kw)
