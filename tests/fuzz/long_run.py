@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-TESTS = {"forward": "test_forward_matches_reference", "gradients": "test_gradients_match_reference",
+TESTS = {"forward": "test_forward_matches_reference", "composed": "test_composed_ops_match_reference",
+         "gradients": "test_gradients_match_reference",
          "quant": "test_quant_forward_matches_reference", "invalid_ids": "test_invalid_forced_ids_rejected"}
 HERE = Path(__file__).resolve().parent
 

@@ -101,6 +101,35 @@ def _forward_matches_reference(backend, case):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@given(case=cases())
+@settings(max_examples=max(1, settings().max_examples // (1 if LONG else 3)))
+def test_composed_ops_match_reference(backend, case):
+    """The forward composed op by op (``moe_forward`` selected to the reference, every other op to the
+    backend, as ``MOJO_BACKEND_MOE_FORWARD=torch MOJO_BACKEND=<backend>`` does): reaches the backend's
+    own permute and combine kernels, which a fused ``moe_forward`` never calls."""
+    with recorded("composed", backend, case):
+        _composed_ops_match_reference(backend, case)
+
+
+def _composed_ops_match_reference(backend, case):
+    x, gw, w13, w2, kw = build(case)
+    mo.reset_stats()
+    with mo.use_backend(backend), mo.use_backend("torch", ops="moe_forward"):
+        y, info = mo.moe_forward(x, gw, w13, w2, case.K, return_router_info=True, **kw)
+    _served_ok()
+    served = mo.last_served()
+    assert served["moe_forward"]["backend"] == "torch", served["moe_forward"]
+    if case.T:
+        assert {"moe_permute", "moe_combine"} <= set(served), sorted(served)
+    _, info_ref = mo.moe_forward(x, gw, w13, w2, case.K, return_router_info=True, backend="torch", **kw)
+    ids = _check_routing(backend, case, info, info_ref, kw)
+    for r in case.nan_rows:
+        assert torch.isnan(y[r]).all(), f"{backend}: NaN token {r} did not propagate"
+    y_ref_same = mo.moe_forward(x, gw, w13, w2, case.K, backend="torch", forced_expert_ids=ids, **kw)
+    assert_close_rows(y, y_ref_same, _valid_rows(case), case.dtype, f"{backend} composed {case.short()}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @given(qc=quant_cases())
 @settings(max_examples=max(1, settings().max_examples // (1 if LONG else 3)))  # the quantized reference is slow
 def test_quant_forward_matches_reference(backend, qc: QuantCase):
