@@ -1,6 +1,6 @@
 """Hypothesis profiles for the backend fuzzer.
 
-``ci`` (default): about 250 cases per run, small shapes, for the CPU interpreter (~2 minutes).
+``ci`` (default): about 270 cases per run, small shapes, for the CPU interpreter (~2 minutes).
 ``long``: >= 10,000 cases per backend and the full size ranges, for the GPU machine:
 ``MOJO_FUZZ_PROFILE=long pytest tests/fuzz``.
 """
