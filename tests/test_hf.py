@@ -61,20 +61,25 @@ def x_in():
     return torch.randn(T, H, generator=torch.Generator().manual_seed(99))
 
 
+def softmax_topk(Wg, norm: bool):
+    """The naive softmax top-K routing of Mixtral/Qwen: (choose, weights_of) for naive_block."""
+    def choose(xt):
+        return torch.softmax(Wg @ xt, -1).topk(K).indices.tolist()
+
+    def weights_of(xt, ids):
+        p = torch.softmax(Wg @ xt, -1)[ids]
+        return p / p.sum() if norm else p
+
+    return choose, weights_of
+
+
 def test_mixtral():
     cfg = {"model_type": "mixtral", "hidden_size": H, "intermediate_size": I, "num_local_experts": E,
            "num_experts_per_tok": K, "hidden_act": "silu"}
     moe = mo.MoE.from_hf_config(cfg, layer_idx=1)
     assert moe.gate.config.router_dtype is None and moe.shared_experts is None
     sd = per_expert_sd(("w1", "w3", "w2"))
-    Wg = sd[PREFIX + "gate.weight"]
-
-    def choose(xt):
-        return torch.softmax(Wg @ xt, -1).topk(K).indices.tolist()
-
-    def weights_of(xt, ids):
-        p = torch.softmax(Wg @ xt, -1)[ids]
-        return p / p.sum()
+    choose, weights_of = softmax_topk(sd[PREFIX + "gate.weight"], norm=True)
 
     x = x_in()
     out, ids = naive_block(sd, x, names=("w1", "w3", "w2"), choose=choose, weights_of=weights_of)
@@ -90,14 +95,7 @@ def test_qwen2_moe(norm):
     sd = per_expert_sd()
     add_shared(sd, "shared_expert", 12)
     sd[PREFIX + "shared_expert_gate.weight"] = rand(1, H, seed=77)
-    Wg = sd[PREFIX + "gate.weight"]
-
-    def choose(xt):
-        return torch.softmax(Wg @ xt, -1).topk(K).indices.tolist()
-
-    def weights_of(xt, ids):
-        p = torch.softmax(Wg @ xt, -1)[ids]
-        return p / p.sum() if norm else p
+    choose, weights_of = softmax_topk(sd[PREFIX + "gate.weight"], norm)
 
     def shared(xt):
         return torch.sigmoid(sd[PREFIX + "shared_expert_gate.weight"] @ xt) * mlp(sd, "shared_expert", xt)
@@ -117,14 +115,7 @@ def test_qwen3_moe_and_sparse_layer_rule():
     moe = mo.MoE.from_hf_config(cfg, layer_idx=1)
     assert moe.shared_experts is None and moe.gate.config.route_norm
     sd = per_expert_sd()
-    Wg = sd[PREFIX + "gate.weight"]
-
-    def choose(xt):
-        return torch.softmax(Wg @ xt, -1).topk(K).indices.tolist()
-
-    def weights_of(xt, ids):
-        p = torch.softmax(Wg @ xt, -1)[ids]
-        return p / p.sum()
+    choose, weights_of = softmax_topk(sd[PREFIX + "gate.weight"], norm=True)
 
     x = x_in()
     out, ids = naive_block(sd, x, names=("gate_proj", "up_proj", "down_proj"), choose=choose,

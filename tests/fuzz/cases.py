@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from hypothesis import strategies as st
 
+from mojo_opset import QUANT_SCHEMES
+
 LONG = os.environ.get("MOJO_FUZZ_PROFILE", "ci") == "long"
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -51,9 +53,10 @@ W_LAYOUTS = ("contiguous", "offset", "transposed")
 
 
 def place(t: torch.Tensor, layout: str) -> torch.Tensor:
-    """``t``'s values in the given memory layout (a view of a new buffer)."""
+    """``t``'s values in the given memory layout (``t`` itself when contiguous, else a view of a new
+    buffer)."""
     if layout == "contiguous":
-        return t.clone()
+        return t
     if layout == "strided":
         wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
         wide[..., ::2] = t
@@ -171,7 +174,6 @@ class QuantCase:
 @st.composite
 def quant_cases(draw) -> QuantCase:
     """A problem and a quantization scheme, the scheme's constraints on H and I met most of the time."""
-    from mojo_opset import QUANT_SCHEMES
     case = draw(cases(allow_odd_inputs=False))
     scheme = draw(st.sampled_from(QUANT_SCHEMES))
     group = None

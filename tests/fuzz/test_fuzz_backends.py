@@ -64,6 +64,21 @@ def _check_routing(backend: str, case: Case, info: dict, info_ref: dict, kw: dic
     return ids
 
 
+def _check_forward(backend: str, case: Case, tensors: tuple, y: torch.Tensor, info: dict, what: str):
+    """A backend's moe_forward result against the reference: routing as in _check_routing, NaN tokens
+    give NaN outputs (never a crash), finite tokens match the reference replaying the backend's ids.
+    Returns the backend's ids."""
+    x, gw, w13, w2, kw = tensors
+    assert y.shape == x.shape and y.dtype == x.dtype
+    _, info_ref = mo.moe_forward(x, gw, w13, w2, case.K, return_router_info=True, backend="torch", **kw)
+    ids = _check_routing(backend, case, info, info_ref, kw)
+    for r in case.nan_rows:
+        assert torch.isnan(y[r]).all(), f"{backend}: NaN token {r} did not propagate"
+    y_ref_same = mo.moe_forward(x, gw, w13, w2, case.K, backend="torch", forced_expert_ids=ids, **kw)
+    assert_close_rows(y, y_ref_same, _valid_rows(case), case.dtype, f"{backend} {what} {case.short()}")
+    return ids
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @given(case=cases())
 @example(case=Case(0, 16, 4, 2, 16, torch.float32, 1, dict(score_func="softmax", route_norm=False,
@@ -79,14 +94,7 @@ def _forward_matches_reference(backend, case):
     mo.reset_stats()
     y, info = mo.moe_forward(x, gw, w13, w2, case.K, return_router_info=True, backend=backend, **kw)
     _served_ok()
-    assert y.shape == x.shape and y.dtype == x.dtype
-    _, info_ref = mo.moe_forward(x, gw, w13, w2, case.K, return_router_info=True, backend="torch", **kw)
-    ids = _check_routing(backend, case, info, info_ref, kw)
-    # NaN tokens give NaN outputs, never a crash; finite tokens match the reference on the same routing
-    for r in case.nan_rows:
-        assert torch.isnan(y[r]).all(), f"{backend}: NaN token {r} did not propagate"
-    y_ref_same = mo.moe_forward(x, gw, w13, w2, case.K, backend="torch", forced_expert_ids=ids, **kw)
-    assert_close_rows(y, y_ref_same, _valid_rows(case), case.dtype, f"{backend} {case.short()}")
+    ids = _check_forward(backend, case, (x, gw, w13, w2, kw), y, info, "forward")
 
     # replaying the backend's own routing reproduces its output
     kernel_natural = mo.last_served("moe_forward")
@@ -121,12 +129,7 @@ def _composed_ops_match_reference(backend, case):
     assert served["moe_forward"]["backend"] == "torch", served["moe_forward"]
     if case.T:
         assert {"moe_permute", "moe_combine"} <= set(served), sorted(served)
-    _, info_ref = mo.moe_forward(x, gw, w13, w2, case.K, return_router_info=True, backend="torch", **kw)
-    ids = _check_routing(backend, case, info, info_ref, kw)
-    for r in case.nan_rows:
-        assert torch.isnan(y[r]).all(), f"{backend}: NaN token {r} did not propagate"
-    y_ref_same = mo.moe_forward(x, gw, w13, w2, case.K, backend="torch", forced_expert_ids=ids, **kw)
-    assert_close_rows(y, y_ref_same, _valid_rows(case), case.dtype, f"{backend} composed {case.short()}")
+    _check_forward(backend, case, (x, gw, w13, w2, kw), y, info, "composed")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
