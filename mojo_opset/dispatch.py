@@ -2,9 +2,10 @@
 
 Selection, highest precedence first: the ``backend=`` argument, :func:`use_backend`,
 ``MOJO_BACKEND_<OP>``, ``MOJO_BACKEND``, then the default for the tensors' device.
-The chosen backend's :class:`~mojo_opset.backend.OpImpl` answers the reasons it cannot serve the
-call; any reason sends the call to the reference (logged once per (op, backend, reason) and
-counted), or raises under :func:`strict` / ``MOJO_STRICT=1``.
+The chosen backend's :class:`~mojo_opset.backend.OpImpl` answers, from its declarations and
+its extra reasons, why it cannot serve the typed call; any reason sends the call to the reference
+(logged once per (op, backend, reason) and counted), or raises under :func:`strict` /
+``MOJO_STRICT=1``.  Decisions are cached by the call's signature.
 """
 from __future__ import annotations
 
@@ -14,19 +15,23 @@ import logging
 import os
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
 
 from . import registry
-from .ops.names import OPS, env_name
+from .contract.names import OPS, env_name
+from .environ import env_flag, getenv
+from .modes import deterministic, is_deterministic  # noqa: F401  (re-exported: part of the selection state)
 from .registry import REFERENCE
+from .suggest import did_you_mean
 
 log = logging.getLogger("mojo_opset")
 
-__all__ = ["BackendError", "StrictFallbackError", "use_backend", "strict", "is_strict", "dispatch",
-           "select_backend", "explain", "reset_stats", "fallback_counts", "last_served", "clear_caches"]
+__all__ = ["BackendError", "StrictFallbackError", "use_backend", "strict", "is_strict", "deterministic",
+           "is_deterministic", "dispatch", "decide",
+           "select_backend", "explain", "reset_stats", "fallback_counts", "last_served", "clear_caches",
+           "implementation"]
 
 
 class BackendError(RuntimeError):
@@ -48,21 +53,33 @@ _ctx_backend: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mojo
 _ctx_strict: contextvars.ContextVar[bool | None] = contextvars.ContextVar("mojo_strict", default=None)
 
 
+def _check_backend_arg(name, what: str) -> None:
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"{what} must be a backend id (str) or None, got {type(name).__name__}")
+
+
 @contextlib.contextmanager
 def use_backend(name: str | None, ops: str | list[str] | tuple[str, ...] | None = None) -> Iterator[None]:
     """Route calls in this context to backend ``name`` (all ops, or only ``ops``).
 
-    ``use_backend(None)`` clears an outer context (env vars and defaults apply again)."""
+    ``use_backend(None)`` clears the choice of an outer context (for ``ops``, or for every op), so
+    ``MOJO_BACKEND*`` and the device defaults apply again."""
+    _check_backend_arg(name, "use_backend(name)")
     if ops is not None:
         ops = [ops] if isinstance(ops, str) else list(ops)
         for op in ops:
             _check_op(op)
     outer = dict(_ctx_backend.get() or {})
     if ops is None:
-        outer = {"*": name}
+        outer = {} if name is None else {"*": name}
     else:
         for op in ops:
-            outer[op] = name
+            if name is None:
+                outer.pop(op, None)
+                if "*" in outer:
+                    outer[op] = None        # clears the outer "*" for this op only
+            else:
+                outer[op] = name
     token = _ctx_backend.set(outer)
     try:
         yield
@@ -85,15 +102,36 @@ def is_strict() -> bool:
     v = _ctx_strict.get()
     if v is not None:
         return v
-    return os.environ.get("MOJO_STRICT", "0").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag("MOJO_STRICT")
 
 
 def _check_op(op: str) -> None:
     if op not in OPS:
-        raise ValueError(f"unknown op {op!r}; ops are {', '.join(OPS)}")
+        raise ValueError(f"unknown op {op!r}{did_you_mean(op, OPS)}; ops are {', '.join(OPS)}")
 
 
 # --------------------------------------------------------------------------- selection
+
+_ENV_OPS = {env_name(op): op for op in OPS}
+_ENV_NAMES = {op: env_name(op) for op in OPS}
+_warned_env: set = set()
+
+
+_env_size = [-1]
+
+
+def _warn_misspelled_env() -> None:
+    """Warn once per name about ``MOJO_BACKEND_<X>`` variables that name no op (they would be ignored).
+    Rescans only when the number of environment variables changed (a cheap check per call)."""
+    if len(os.environ) == _env_size[0]:
+        return
+    _env_size[0] = len(os.environ)
+    for var in list(os.environ):
+        if var.startswith("MOJO_BACKEND_") and var not in _ENV_OPS and var not in _warned_env:
+            _warned_env.add(var)
+            log.warning("mojo_opset: %s names no op and is ignored%s; valid: %s", var,
+                        did_you_mean(var, _ENV_OPS), ", ".join(_ENV_OPS))
+
 
 def _requested(op: str, explicit: str | None) -> tuple[str | None, str]:
     if explicit is not None:
@@ -101,24 +139,18 @@ def _requested(op: str, explicit: str | None) -> tuple[str | None, str]:
     ctx = _ctx_backend.get()
     if ctx:
         if op in ctx:
-            return ctx[op], "use_backend()"
-        if "*" in ctx:
+            if ctx[op] is not None:
+                return ctx[op], "use_backend()"
+        elif "*" in ctx:
             return ctx["*"], "use_backend()"
-    v = os.environ.get(env_name(op), "").strip()
+    var = _ENV_NAMES.get(op) or env_name(op)
+    v = getenv(var).strip()
     if v:
-        return v, env_name(op)
-    v = os.environ.get("MOJO_BACKEND", "").strip()
+        return v, var
+    v = getenv("MOJO_BACKEND").strip()
     if v:
         return v, "MOJO_BACKEND"
     return None, "default"
-
-
-def _describe_registered() -> str:
-    parts = [f"{REFERENCE} (available)"]
-    for name, entry in sorted(registry.backend_entries().items()):
-        ok, reason = entry.availability()
-        parts.append(f"{name} (available)" if ok else f"{name} (unavailable: {reason})")
-    return "; ".join(parts)
 
 
 _default_cache: dict[str, str] = {}
@@ -141,61 +173,97 @@ def _default_for_device(device_type: str) -> str:
     return chosen
 
 
+_selected: dict[tuple, str] = {}
+
+
 @_assume_constant_result  # compiled graphs fix the choice at trace time (no ContextVar in graphs)
 def select_backend(op: str, device_type: str, explicit: str | None = None) -> str:
     """The backend id that a call of ``op`` on ``device_type`` tensors goes to (no capability check)."""
+    _check_backend_arg(explicit, "backend")
+    _warn_misspelled_env()
     name, source = _requested(op, explicit)
-    if name is None or name.lower() == "auto":
-        name = _default_for_device(device_type)
-    if name == REFERENCE:
+    hit = _selected.get((name, device_type))
+    if hit is not None:
+        return hit
+    if name is None or name.strip().lower() == "auto":
+        chosen = _default_for_device(device_type)
+    else:
+        chosen = _resolve(name, source)
+    _selected[(name, device_type)] = chosen
+    return chosen
+
+
+def _resolve(name: str, source: str) -> str:
+    canonical = registry.canonical_name(name)
+    if canonical == REFERENCE:
         return REFERENCE
-    entry = registry.get_entry(name)
+    entry = registry.get_entry(canonical)
     if entry is None:
-        raise BackendError(f"unknown backend {name!r} (from {source}); registered: {_describe_registered()}")
+        raise BackendError(registry.unknown_backend_message(name, source))
     ok, reason = entry.availability()
     if not ok:
-        raise BackendError(f"backend {name!r} (from {source}) is unavailable: {reason}; "
-                           f"registered: {_describe_registered()}")
+        raise BackendError(f"backend {canonical!r} (from {source}) is unavailable: {reason}")
     try:
         entry.impls()  # load here, outside any compiled graph (this function runs eagerly under compile)
     except RuntimeError as exc:
         raise BackendError(str(exc)) from exc
-    return name
+    return canonical
 
 
 # --------------------------------------------------------------------------- bookkeeping
 
-@dataclass
 class _Stats:
-    last: dict[str, dict[str, Any]] = field(default_factory=dict)
-    fallbacks: Counter = field(default_factory=Counter)
-    served: Counter = field(default_factory=Counter)
-    logged: set = field(default_factory=set)
+    """Fallback and served counters (process-wide) and the last call of each op (per thread)."""
+
+    def __init__(self):
+        self.fallbacks: Counter = Counter()
+        self.served: Counter = Counter()
+        self.logged: set = set()
+        self.compiled_calls = 0
 
 
 _stats = _Stats()
 _stats_lock = threading.Lock()
+_local = threading.local()
 _reason_cache: dict[Any, tuple[str, ...]] = {}
+_REASON_CACHE_MAX = 4096
+
+
+def _last() -> dict:
+    d = getattr(_local, "last", None)
+    if d is None:
+        d = _local.last = {}
+    return d
 
 
 def clear_caches() -> None:
     _default_cache.clear()
     _reason_cache.clear()
+    _selected.clear()
+
+
+registry.on_change(clear_caches)
 
 
 def reset_stats() -> None:
-    """Forget last-served records, counters and the once-per-reason log memory."""
+    """Forget last-served records (of this thread), counters and the once-per-reason log memory
+    (misspelled ``MOJO_BACKEND_<OP>`` variables are warned about again)."""
     global _stats
     with _stats_lock:
         _stats = _Stats()
+    _local.last = {}
+    _warned_env.clear()
+    _env_size[0] = -1
 
 
 def _record(op: str, backend: str, served_by: str, reasons: tuple[str, ...]) -> None:
     if torch.compiler.is_compiling():
+        _stats.compiled_calls += 1
         return
+    _last()[op] = (backend, served_by, reasons)
+    key = (op, backend, served_by)
     with _stats_lock:
-        _stats.last[op] = {"backend": backend, "served_by": served_by, "reasons": list(reasons)}
-        _stats.served[(op, backend, served_by)] += 1
+        _stats.served[key] += 1
         if served_by == "fallback":
             for r in reasons:
                 _stats.fallbacks[(op, backend, r)] += 1
@@ -204,22 +272,29 @@ def _record(op: str, backend: str, served_by: str, reasons: tuple[str, ...]) -> 
                     log.warning("mojo_opset: %s on backend %r falls back to the reference: %s", op, backend, r)
 
 
+def _as_record(rec) -> dict:
+    backend, served_by, reasons = rec
+    return {"backend": backend, "served_by": served_by, "reasons": list(reasons)}
+
+
 def last_served(op: str | None = None):
-    """``{op: {"backend", "served_by", "reasons"}}`` for the last call of each op (or of ``op``)."""
-    with _stats_lock:
-        if op is not None:
-            return dict(_stats.last.get(op, {}))
-        return {k: dict(v) for k, v in _stats.last.items()}
+    """``{op: {"backend", "served_by", "reasons"}}`` for the last eager call of each op made by the
+    calling thread (or of ``op``).  Calls traced into a compiled graph are not recorded."""
+    last = _last()
+    if op is not None:
+        rec = last.get(op)
+        return _as_record(rec) if rec else {}
+    return {k: _as_record(v) for k, v in last.items()}
 
 
 def fallback_counts() -> dict[tuple[str, str, str], int]:
-    """``{(op, backend, reason): count}``."""
+    """``{(op, backend, reason): count}`` over all threads."""
     with _stats_lock:
         return dict(_stats.fallbacks)
 
 
 class Explanation(dict):
-    """What served each op's last call, plus fallback counts; prints as a readable report."""
+    """What served each op's last call (this thread), plus fallback counts; prints as a report."""
 
     def __str__(self) -> str:
         lines = ["op                  backend   served by    reasons"]
@@ -227,6 +302,12 @@ class Explanation(dict):
             rec = self["last"].get(op)
             if rec:
                 lines.append(f"{op:<19} {rec['backend']:<9} {rec['served_by']:<12} {'; '.join(rec['reasons'])}")
+        if not self["last"]:
+            if self["compiled_calls"]:
+                lines.append("(no eager call recorded: calls inside torch.compile'd graphs are decided at trace "
+                             "time and not recorded; run the function once eagerly to see what serves it)")
+            else:
+                lines.append(f"(no call recorded yet in thread {self['thread']!r})")
         if self["fallbacks"]:
             lines.append("fallbacks (op, backend, reason): count")
             for (op, be, r), n in sorted(self["fallbacks"].items()):
@@ -235,23 +316,14 @@ class Explanation(dict):
 
 
 def explain() -> Explanation:
-    """Last implementation per op, fallback counts and reasons."""
+    """Last implementation per op (this thread's calls), fallback counts and reasons (all threads)."""
     with _stats_lock:
-        return Explanation(last={k: dict(v) for k, v in _stats.last.items()},
-                           fallbacks=dict(_stats.fallbacks),
-                           served={"/".join(k): v for k, v in _stats.served.items()})
+        return Explanation(last=last_served(), fallbacks=dict(_stats.fallbacks),
+                           served={"/".join(k): v for k, v in _stats.served.items()},
+                           compiled_calls=_stats.compiled_calls, thread=threading.current_thread().name)
 
 
 # --------------------------------------------------------------------------- dispatch
-
-def _needs_grad(call: dict) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    for v in call.values():
-        if isinstance(v, torch.Tensor) and v.requires_grad:
-            return True
-    return False
-
 
 def implementation(backend: str, op: str):
     """The OpImpl of ``op`` in ``backend`` (None for the reference or when not overridden)."""
@@ -261,54 +333,56 @@ def implementation(backend: str, op: str):
     return None if entry is None else entry.impls().get(op)
 
 
-def decide(op: str, device_type: str, call: dict, backend: str | None = None,
-           grad_rebuilt: bool = False):
-    """Return ``(backend_id, impl_or_None, served_by, reasons)`` for a call, without running it."""
-    name = select_backend(op, device_type, backend)
+def decide(call, backend: str | None = None, grad_rebuilt: bool = False):
+    """``(backend_id, impl_or_None, served_by, reasons)`` for a typed call, without running it.
+
+    ``grad_rebuilt``: the caller rebuilds the differentiable outputs itself (gating), so a call
+    that needs grad does not require an implementation with a backward."""
+    op = call.op
+    name = select_backend(op, call.device.type, backend)
     if name == REFERENCE:
         return REFERENCE, None, "reference", ()
     entry = registry.get_entry(name)
     impl = entry.impls().get(op)
     if impl is None:
         return name, None, "no override", ()
-    served_devices = entry.backend.device_types
-    if served_devices and device_type not in served_devices:
-        return name, impl, "fallback", (f"device {device_type!r}: backend {name!r} serves "
-                                        f"{', '.join(served_devices)} tensors",)
-    reasons: tuple[str, ...]
-    key = None
-    try:
-        key = impl.cache_key(**call)
-    except Exception:
-        key = None
-    if key is not None and (name, op, key) in _reason_cache:
-        reasons = _reason_cache[(name, op, key)]
-    else:
+    key = reasons = None
+    if not torch.compiler.is_compiling():   # a compiled graph decides once, at trace time
         try:
-            reasons = tuple(impl.reasons(**call))
+            key = (name, impl.state_key(), call.signature())
+            reasons = _reason_cache.get(key)      # one hash of the key per call
+        except Exception:  # an unhashable signature part: decide without caching
+            key = None
+    if reasons is None:
+        try:
+            reasons = tuple(impl.declared_reasons(call, entry.backend.device_types))
         except Exception as exc:  # a capability check must not crash the caller
             reasons = (f"capability check raised {type(exc).__name__}: {exc}",)
         if key is not None:
-            _reason_cache[(name, op, key)] = reasons
-    if not reasons and not impl.supports_autograd and not grad_rebuilt and _needs_grad(call):
-        reasons = ("autograd: this implementation has no backward",)
+            if len(_reason_cache) >= _REASON_CACHE_MAX:
+                _reason_cache.clear()
+            _reason_cache[key] = reasons
+    if not reasons and not grad_rebuilt:
+        if not impl.supports_autograd:
+            if call.needs_grad():
+                reasons = ("autograd: this implementation has no backward",)
+        elif getattr(call, "deterministic", False) and not impl.deterministic_backward and call.needs_grad():
+            reasons = ("deterministic=True with autograd: this implementation's backward is not batch-invariant",)
     if reasons:
         return name, impl, "fallback", reasons
     return name, impl, "kernel", ()
 
 
-def dispatch(op: str, reference: Callable[..., Any], call: dict, *, device: torch.device | str,
-             backend: str | None = None, grad_rebuilt: bool = False):
-    """Run ``op`` for ``call`` on the selected backend, or on ``reference``.
+def dispatch(call, reference: Callable[[Any], Any], *, backend: str | None = None, grad_rebuilt: bool = False):
+    """Run the typed ``call`` on the selected backend, or ``reference(call)``.
 
     Returns ``(result, served_by)`` where served_by is ``"kernel"``, ``"fallback"``,
     ``"no override"`` or ``"reference"``."""
-    device_type = torch.device(device).type
-    name, impl, served_by, reasons = decide(op, device_type, call, backend, grad_rebuilt)
+    name, impl, served_by, reasons = decide(call, backend, grad_rebuilt)
     if served_by == "fallback" and is_strict():
-        raise StrictFallbackError(f"strict mode: {op} on backend {name!r} would fall back to the "
+        raise StrictFallbackError(f"strict mode: {call.op} on backend {name!r} would fall back to the "
                                   f"reference: {'; '.join(reasons)}")
-    _record(op, name, served_by, reasons)
+    _record(call.op, name, served_by, reasons)
     if served_by == "kernel":
-        return impl.forward(**call), served_by
-    return reference(**call), served_by
+        return impl.forward(call), served_by
+    return reference(call), served_by

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import check_tensor, fail
+from .validation import check_index_range, check_int, check_tensor, fail
 
 __all__ = ["expert_counts", "load_balancing_loss", "sequence_load_balancing_loss", "global_load_balancing_loss",
            "router_z_loss", "expert_bias_update", "collect_aux_losses", "update_expert_biases"]
@@ -26,11 +26,23 @@ def _check_routing(scores, topk_ids):
         fail(f"topk_ids must have an integer dtype, got {topk_ids.dtype}", TypeError)
     if topk_ids.shape[0] != scores.shape[0]:
         fail(f"topk_ids must have one row per token: scores has {scores.shape[0]} rows, topk_ids {topk_ids.shape[0]}")
+    # an id outside [0, E) would fail an index_add (IndexError, or a device assert) or, in the
+    # sequence loss, count for another sequence's expert
+    check_index_range("topk_ids", topk_ids, scores.shape[1])
     return scores.shape[0], scores.shape[1], topk_ids.shape[1]
 
 
 def expert_counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """``[E]`` int64: how many (token, slot) assignments each expert received (no host sync)."""
+    """``[E]`` int64: how many (token, slot) assignments each expert received (no host sync on a GPU)."""
+    num_experts = check_int("num_experts", num_experts, lo=1)
+    check_tensor("topk_ids", topk_ids)
+    if topk_ids.dtype.is_floating_point or topk_ids.dtype.is_complex or topk_ids.dtype == torch.bool:
+        fail(f"topk_ids must have an integer dtype, got {topk_ids.dtype}", TypeError)
+    check_index_range("topk_ids", topk_ids, num_experts)
+    return _counts(topk_ids, num_experts)
+
+
+def _counts(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     flat = topk_ids.reshape(-1).long()
     counts = torch.zeros(num_experts, dtype=torch.int64, device=topk_ids.device)
     return counts.index_add_(0, flat, torch.ones_like(flat))
@@ -46,7 +58,7 @@ def load_balancing_loss(scores: torch.Tensor, topk_ids: torch.Tensor) -> torch.T
     T, E, K = _check_routing(scores, topk_ids)
     if T == 0:
         return scores.new_zeros((), dtype=torch.float32)
-    f = expert_counts(topk_ids, E).float() / (T * K)
+    f = _counts(topk_ids, E).float() / (T * K)
     P = scores.float().mean(dim=0)
     return E * (f * P).sum()
 
@@ -84,7 +96,7 @@ def global_load_balancing_loss(scores: torch.Tensor, topk_ids: torch.Tensor, gro
     mean of the ranks' values (what data-parallel gradient averaging computes) is the loss of the
     global batch; the all-reduce carries no gradient."""
     T, E, K = _check_routing(scores, topk_ids)
-    stats = torch.cat([expert_counts(topk_ids, E), torch.tensor([T * K], device=scores.device)])
+    stats = torch.cat([_counts(topk_ids, E), torch.tensor([T * K], device=scores.device)])
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -10,19 +10,25 @@ an extra layer (an MTP head, say) has its own key and can never take another lay
   recording works inside a CUDA graph (the buffers hold each graph replay's routing).
 - ``replay(ids)``: every layer routes with the given ids (``forced_expert_ids``); the weights still
   come from the live scores, so the router keeps its gradient.  A layer without ids is an error.
-- Activation checkpointing: every forward run in a replay session queues the ids it used per layer;
-  a forward that autograd recomputes during backward (``torch.utils.checkpoint``, reentrant or not)
-  takes the oldest queued ids of its layer, so it routes exactly as the original forward did, even
-  when backward runs after the session has ended.  A recorded (natural-routing) forward is
-  recomputed with natural routing too: forcing the ids there could take another code path (e.g. a
-  kernel that declines forced ids), which non-reentrant checkpointing rejects; the reference routing
-  is deterministic, so the recomputed ids equal the recorded ones.
+- Activation checkpointing: every forward of an attached layer tags its own autograd graph with the
+  session it ran in (an identity node on the layer input; a forward that runs without autograd
+  inside a custom ``autograd.Function`` forward, which is how reentrant checkpointing runs its
+  forward, tags that Function's node instead).  A forward that autograd recomputes during backward
+  (``torch.utils.checkpoint``, reentrant or not, with or without activation offloading) reads the
+  tag nearest to the backward node being executed, i.e. the tag of the very forward it recomputes,
+  and routes as that forward did, whatever the order of the backwards and after its session ended.
+  A recorded or natural forward is recomputed with natural routing: forcing the ids there could
+  take another code path (e.g. a kernel that declines forced ids), which non-reentrant
+  checkpointing rejects; the reference routing is deterministic, so the recomputed ids equal the
+  recorded ones.
 - ``export()`` / ``export_stacked()`` / ``load()``: ids as ``{name: [T, K]}`` or one ``[L, T, K]``
   tensor plus the layer names, so an inference engine's record can drive a trainer's replay.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
+import weakref
 from collections import deque
 from typing import Iterator, Mapping, Sequence
 
@@ -43,6 +49,57 @@ def _tokens(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else (x.shape[0] if x.dim() else 0)
 
 
+class _Session:
+    """What the forwards of one record/replay session (or of no session) route with: ``targets``
+    (``{layer name: ids}``) for a replay session, None for natural routing (recording included)."""
+
+    def __init__(self, targets: dict | None = None):
+        self.targets = targets
+
+
+class _Tag(torch.autograd.Function):
+    """Identity on a routing layer's input whose node carries ``{RouterReplay: _Session}``: the
+    autograd graph of a forward thereby knows the session that forward routed with.  It saves no
+    tensor, so checkpointing sees the same saved tensors with or without it."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, anchor, tags):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx._mojo_routing = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad if ctx.needs_input_grad[0] else None), None, None
+
+
+_FunctionCtx = torch.autograd.function.BackwardCFunction
+
+
+def _function_forward_contexts() -> list:
+    """The ctx of every custom ``autograd.Function`` forward on this thread's stack, innermost first
+    (reentrant checkpointing runs the checkpointed forward inside one, without autograd)."""
+    out = []
+    f = sys._getframe(2)
+    while f is not None:
+        co = f.f_code
+        if co.co_name == "forward" and co.co_argcount:
+            ctx = f.f_locals.get(co.co_varnames[0])
+            if isinstance(ctx, _FunctionCtx):
+                out.append(ctx)
+        f = f.f_back
+    return out
+
+
+def _current_node():
+    get = getattr(torch._C, "_current_autograd_node", None)
+    return get() if get is not None else None
+
+
 class RouterReplay:
     """Record the routing of every MoE layer of ``model`` in one forward and replay it in another.
 
@@ -61,8 +118,12 @@ class RouterReplay:
         self.mode: str | None = None
         self._records: dict[str, torch.Tensor] = {}
         self._targets: dict[str, torch.Tensor] = {}
-        self._pending: dict[str, deque] = {}
         self._static: dict[str, torch.Tensor] | None = None
+        self._natural = _Session()                 # forwards outside sessions, and recorded ones
+        self._session: _Session | None = None      # the active session
+        self._live = weakref.WeakSet()             # replay sessions whose tagged graphs may still exist
+        # makes the tag reach the autograd graph when a trainable layer's input needs no grad
+        self._anchor = torch.zeros((), requires_grad=True)
         if model is not None:
             self.attach(model, prefix=prefix)
 
@@ -83,7 +144,6 @@ class RouterReplay:
                 raise ValueError(f"RouterReplay: a layer named {name!r} is already attached")
             found.append(name)
             self._layers[name] = mod
-            self._pending[name] = deque()
             self._handles.append(mod.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
             self._handles.append(mod.register_forward_hook(self._post_hook(name), with_kwargs=True))
         if not found:
@@ -98,6 +158,7 @@ class RouterReplay:
         self._handles.clear()
         self._layers.clear()
         self.mode = None
+        self._session = None
 
     @property
     def layer_names(self) -> list[str]:
@@ -118,7 +179,10 @@ class RouterReplay:
     @contextlib.contextmanager
     def replay(self, ids=None, names: Sequence[str] | None = None, *, strict: bool = True,
                clear_pending: bool = True) -> Iterator["RouterReplay"]:
-        """Replay ``ids`` (see :meth:`load`; None: what was last loaded or recorded) in the block."""
+        """Replay ``ids`` (see :meth:`load`; None: what was last loaded or recorded) in the block.
+
+        ``clear_pending`` is accepted for compatibility and has no effect: the ids of a forward that
+        still awaits its backward live in that forward's autograd graph, not in a queue."""
         self.start_replay(ids, names, strict=strict, clear_pending=clear_pending)
         try:
             yield self
@@ -127,14 +191,15 @@ class RouterReplay:
 
     def start_record(self, *, clear_pending: bool = True) -> None:
         """Imperative form of :meth:`record` (end it with :meth:`stop`)."""
-        self._begin(clear_pending)
+        self._begin()
         self._records = {}
         self.mode = "record"
+        self._session = self._natural
 
     def start_replay(self, ids=None, names: Sequence[str] | None = None, *, strict: bool = True,
                      clear_pending: bool = True) -> None:
         """Imperative form of :meth:`replay` (end it with :meth:`stop`)."""
-        self._begin(clear_pending)
+        self._begin()
         if ids is not None:
             self.load(ids, names, strict=strict)
         elif not self._targets:
@@ -142,49 +207,103 @@ class RouterReplay:
                 raise RuntimeError("RouterReplay.replay: no ids given and nothing loaded or recorded")
             self._targets = dict(self._records)
         self.mode = "replay"
+        self._session = _Session(dict(self._targets))
 
     def stop(self) -> None:
-        """End the session; queued ids for checkpoint recomputation stay until the next session."""
+        """End the session.  Forwards run in it that still await their backward keep their ids."""
         self.mode = None
+        self._session = None
 
     def clear(self) -> None:
-        """Forget recorded, loaded and queued ids (static buffers stay allocated)."""
+        """Forget recorded and loaded ids (static buffers stay allocated; forwards awaiting their
+        backward keep theirs)."""
         self._records, self._targets = {}, {}
-        for q in self._pending.values():
-            q.clear()
 
-    def _begin(self, clear_pending: bool) -> None:
+    def _begin(self) -> None:
         if not self._layers:
             raise RuntimeError("RouterReplay: attach a model first")
         if self.mode is not None:
             raise RuntimeError(f"RouterReplay: a {self.mode} session is already active; stop() it first")
-        if clear_pending:
-            # a new session starts after the previous step's backward; with several micro-batches in
-            # flight (pipeline schedules) pass clear_pending=False so their queued ids survive
-            for q in self._pending.values():
-                q.clear()
 
     # ------------------------------------------------------------------ hooks
 
     def _pre_hook(self, name: str):
         def hook(module, args, kwargs):
-            if in_backward():
-                q = self._pending[name]
-                if q:   # a checkpointed forward being recomputed: route as the original forward did
-                    ids = q.popleft()
-                elif self.mode == "replay":
-                    ids = self._target(name, module, args, kwargs)
-                else:
-                    return None
-                return args, {**kwargs, "forced_expert_ids": ids}
-            if self.mode != "replay":
-                return None
-            if kwargs.get("forced_expert_ids") is not None:
-                raise RuntimeError(f"RouterReplay: layer {name!r} got forced_expert_ids while replaying")
-            ids = self._target(name, module, args, kwargs)
-            self._pending[name].append(ids)
+            compiling = torch.compiler.is_compiling()
+            if compiling:
+                # a traced graph has no autograd nodes to tag; checkpointing inside it is the compiler's
+                session = self._session or self._natural
+            elif in_backward():
+                session = self._recomputed_session(name)
+            else:
+                session = self._session or self._natural
+                if session.targets is not None and kwargs.get("forced_expert_ids") is not None:
+                    raise RuntimeError(f"RouterReplay: layer {name!r} got forced_expert_ids while replaying")
+            ids = None if session.targets is None else self._target(session, name, module, args, kwargs)
+            if not compiling:
+                args, kwargs = self._tag(session, module, args, kwargs)
+            if ids is None:
+                return args, kwargs
             return args, {**kwargs, "forced_expert_ids": ids}
         return hook
+
+    def _tag(self, session: _Session, module, args, kwargs):
+        """Attach ``session`` to this forward so that its recomputation finds it (see the module doc)."""
+        if not torch.is_grad_enabled():
+            # no graph is built: only a Function running this forward (reentrant checkpointing) can
+            # recompute it; a plain no-grad forward is never recomputed and leaves nothing behind
+            for ctx in _function_forward_contexts():
+                d = getattr(ctx, "_mojo_routing", None)
+                if d is None:
+                    ctx._mojo_routing = d = {}
+                d[self] = session
+                self._note(session)
+            return args, kwargs
+        x = args[0] if args else kwargs.get("x")
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return args, kwargs
+        anchor = None
+        if not x.requires_grad:
+            if not any(p.requires_grad for p in module.parameters()):
+                return args, kwargs     # nothing to differentiate: no backward, no recomputation
+            # the layer's nodes would hang off its parameters only, out of reach of the tag
+            anchor = self._anchor
+        x = _Tag.apply(x, anchor, {self: session})
+        self._note(session)
+        if args:
+            return (x,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "x": x}
+
+    def _note(self, session: _Session) -> None:
+        if session.targets is not None:
+            self._live.add(session)   # weakly: gone with the last graph that holds its tag
+
+    def _recomputed_session(self, name: str) -> _Session:
+        """The session of the forward being recomputed: the tag nearest upstream of the backward
+        node being executed (a checkpointed forward's own node, or the node whose saved activation
+        triggered the recomputation)."""
+        node = _current_node()
+        if node is not None:
+            seen, todo = {node}, deque([node])
+            while todo:
+                n = todo.popleft()
+                tags = getattr(n, "_mojo_routing", None)
+                if tags is not None and self in tags:
+                    return tags[self]
+                for nxt, _ in n.next_functions:
+                    if nxt is not None and nxt not in seen:
+                        seen.add(nxt)
+                        todo.append(nxt)
+        # a forward run inside backward that is not a recomputation of a tagged forward
+        current = self._session or self._natural
+        others = [s for s in self._live if s is not current]
+        if others:
+            raise RuntimeError(
+                f"RouterReplay: layer {name!r} runs inside backward (an activation recomputation?) but the "
+                f"forward it recomputes carries no routing tag, while {len(others)} replayed forward(s) may still "
+                "await their backward: its ids cannot be told apart.  Run the layer's forward while this "
+                "RouterReplay is attached, with autograd on (or inside the checkpoint's autograd.Function)")
+        return current
 
     def _post_hook(self, name: str):
         def hook(module, args, kwargs, output):
@@ -208,10 +327,10 @@ class RouterReplay:
             return None
         return hook
 
-    def _target(self, name: str, module, args, kwargs) -> torch.Tensor:
-        ids = self._targets.get(name)
+    def _target(self, session: _Session, name: str, module, args, kwargs) -> torch.Tensor:
+        ids = session.targets.get(name)
         if ids is None:
-            have = ", ".join(sorted(self._targets)) or "none"
+            have = ", ".join(sorted(session.targets)) or "none"
             raise KeyError(f"RouterReplay: no replay ids for layer {name!r} (ids are keyed by module name; "
                            f"loaded: {have})")
         x = args[0] if args else kwargs.get("x")
@@ -222,7 +341,7 @@ class RouterReplay:
                                  f"replay ids have shape {list(ids.shape)}")
             if ids.device != x.device:
                 ids = ids.to(x.device)
-                self._targets[name] = ids   # move once, not every forward
+                session.targets[name] = ids   # move once, not every forward
         return ids
 
     # ------------------------------------------------------------------ static buffers (CUDA graphs)
@@ -301,3 +420,6 @@ class RouterReplay:
         if strict and unknown:
             raise KeyError(f"RouterReplay.load: no attached layer is named {unknown}; attached: {self.layer_names}")
         self._targets = dict(ids)
+        if self.mode == "replay":
+            # a new session: forwards already run keep the ids they routed with
+            self._session = _Session(dict(self._targets))

@@ -39,7 +39,7 @@ def check_tensor(name: str, t, *, ndim: int | Iterable[int] | None = None,
 
 def check_int(name: str, v, *, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        if isinstance(v, torch.Tensor) or not hasattr(v, "__index__"):
+        if isinstance(v, (bool, torch.Tensor)) or not hasattr(v, "__index__"):
             fail(f"{name} must be an int, got {type(v).__name__}", TypeError)
         v = int(v)
     if lo is not None and v < lo:
@@ -53,3 +53,17 @@ def check_choice(name: str, v, choices: Iterable) -> None:
     choices = tuple(choices)
     if v not in choices:
         fail(f"{name} must be one of {', '.join(map(repr, choices))}, got {v!r}")
+
+
+def check_index_range(name: str, t: torch.Tensor, hi: int) -> None:
+    """Integer values of ``t`` in ``[0, hi)``: checked on the host for CPU tensors, by a device-side
+    assert elsewhere (no host synchronisation); a meta tensor holds no values to check."""
+    if not t.numel() or t.device.type == "meta":
+        return
+    bad = ((t < 0) | (t >= hi)).any()
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(bad):
+            lo, top = torch.aminmax(t)
+            fail(f"{name} must lie in [0, {hi}), got values from {int(lo)} to {int(top)}")
+    else:
+        torch._assert_async(~bad, f"{name} must lie in [0, {hi})")

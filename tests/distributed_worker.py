@@ -134,12 +134,13 @@ class _CheckedExperts(mo.OpImpl):
     """A vendor-style moe_forward override that insists on local ids and counts its calls."""
     op, supports_autograd, calls = "moe_forward", True, 0
 
-    def forward(self, x, topk_ids, topk_weights, w13, w2, activation):
-        from mojo_opset.ops.forward import compose_forward
-        if topk_ids.numel() and not (0 <= int(topk_ids.min()) and int(topk_ids.max()) < w13.shape[0]):
-            raise AssertionError(f"ids {topk_ids.tolist()} outside [0, {w13.shape[0]})")
+    def forward(self, call):
+        from mojo_opset.functional.forward import compose_forward
+        ids, E = call.topk_ids, call.w13.shape[0]
+        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < E):
+            raise AssertionError(f"ids {ids.tolist()} outside [0, {E})")
         type(self).calls += 1
-        return compose_forward(x, topk_ids, topk_weights, w13, w2, activation, backend="torch")
+        return compose_forward(call, backend="torch")   # the sub-ops on the reference
 
 
 class _CheckedBackend(mo.Backend):

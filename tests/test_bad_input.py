@@ -55,7 +55,7 @@ ROUTING_CASES = [
     (dict(router_dtype=torch.int8), TypeError, "router_dtype"),
     # router replay
     (dict(forced_expert_ids=torch.tensor([[0, 4]] * T)), ValueError, "forced_expert_ids must lie in [0, 4)"),
-    (dict(forced_expert_ids=torch.tensor([[0, -1]] * T)), ValueError, "forced_expert_ids must lie in [0, 4)"),
+    (dict(forced_expert_ids=torch.tensor([[0, -2]] * T)), ValueError, "forced_expert_ids must lie in [0, 4)"),
     (dict(forced_expert_ids=torch.tensor([[0, 1]] * 5 + [[2, 2]])), ValueError,
      "forced_expert_ids must not repeat an expert within a row; row 5 is [2, 2]"),
     (dict(forced_expert_ids=torch.zeros(T, K)), TypeError, "forced_expert_ids must have an integer dtype"),

@@ -11,8 +11,9 @@ from mojo_opset.tools.cli import main
 
 import _fake_backends as fb
 
-CASE_KEYS = {"op", "backend", "dtype", "shape", "options", "served_by", "reasons", "max_abs", "max_rel", "mismatch",
-             "tolerance", "status"}
+CASE_KEYS = {"op", "backend", "dtype", "shape", "options", "served_by", "served", "reasons", "max_abs", "max_rel",
+             "mismatch", "tolerance", "status"}
+PARTS = {"moe_gating", "moe_permute", "moe_experts", "moe_combine"}
 
 
 @pytest.fixture
@@ -45,8 +46,17 @@ def test_correct_backend_passes_and_reports_kernels(fakes, capsys, tmp_path):
     for c in cases:
         assert set(c) == CASE_KEYS
         assert c["status"] == "PASS", c
-        assert c["served_by"] == "kernel", c
         assert c["backend"] == "fake_good" and c["dtype"] == "float32"
+        if c["op"] == "moe_forward":
+            # the backend does not override the forward: the reference composes its kernels, and the
+            # report says so, as mo.last_served() and `mojo-opset info` do
+            assert c["served_by"] == "no override", c
+            assert c["served"]["moe_forward"]["served_by"] == "no override"
+            assert {op: rec["served_by"] for op, rec in c["served"].items() if op != "moe_forward"} == \
+                {op: "kernel" for op in PARTS}, c
+        else:
+            assert c["served_by"] == "kernel", c
+            assert c["served"] == {c["op"]: {"served_by": "kernel", "reasons": []}}, c
     ops = {c["op"] for c in cases}
     assert ops == {"moe_gating", "moe_permute", "moe_experts", "moe_combine", "moe_forward"}
     # edge cases are in the matrix
@@ -55,6 +65,7 @@ def test_correct_backend_passes_and_reports_kernels(fakes, capsys, tmp_path):
     root = ET.parse(xml).getroot()
     assert root.get("failures") == "0" and int(root.get("tests")) == len(cases)
     assert "PASS" in out and "0 failed" in out
+    assert "parts: gating=kernel, permute=kernel, experts=kernel, combine=kernel" in out
 
 
 def test_broken_kernel_fails_with_readable_report(fakes, capsys, tmp_path):
@@ -114,6 +125,13 @@ def test_raising_kernel_is_a_failure(fakes, capsys):
 def test_usage_errors_exit_2(fakes, capsys):
     assert main(["compare", "--backends", "nope"]) == 2
     assert "unknown backend 'nope'" in capsys.readouterr().err
+    assert main(["compare", "--backends", "tritn"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'triton'?" in err and max(map(len, err.splitlines())) <= 100
+    assert main(["compare", "--ops", "gatng"]) == 2
+    assert "did you mean 'gating'?" in capsys.readouterr().err
+    assert main(["compare", "--dtypes", "bf61"]) == 2
+    assert "did you mean 'bf16'?" in capsys.readouterr().err
     assert main(["compare", "--backends", "torch"]) == 2
     fakes(fb.good())
     assert main(["compare", "--backends", "fake_good", "--dtypes", "fp64"]) == 2
@@ -217,3 +235,68 @@ def test_installed_backends_quick(capsys, tmp_path):
     cases = json.loads(js.read_text())["cases"]
     assert {c["backend"] for c in cases} == set(avail)
     assert all(c["status"] == "PASS" for c in cases)
+
+
+# --------------------------------------------------------------------------- what served each part
+
+def test_gating_only_plugin_reports_each_part(fakes, capsys, tmp_path):
+    """A plugin overriding only the gating: its forward rows name the gating kernel and the
+    reference parts, not a bare "no override"."""
+    gating = fb.good()._impls["moe_gating"]
+    fakes(fb.FakeBackend("fake_gating_only", {"moe_gating": gating}))
+    js, xml = tmp_path / "c.json", tmp_path / "c.xml"
+    rc, out = _run(capsys, "--backends", "fake_gating_only", "--dtypes", "fp32", "--ops", "gating,forward",
+                   "--quick", "--json", str(js), "--junit", str(xml))
+    assert rc == 0, out
+    cases = {c["op"]: c for c in json.loads(js.read_text())["cases"]}
+    assert cases["moe_gating"]["served_by"] == "kernel"
+    fwd = cases["moe_forward"]
+    assert fwd["served_by"] == "no override"
+    assert {op: rec["served_by"] for op, rec in fwd["served"].items()} == {
+        "moe_forward": "no override", "moe_gating": "kernel", "moe_permute": "no override",
+        "moe_experts": "no override", "moe_combine": "no override"}
+    assert "parts: gating=kernel, permute=ref, experts=ref, combine=ref" in out
+    props = {p.get("name"): p.get("value") for p in ET.parse(xml).getroot().iter("property")}
+    assert props["parts"] == "gating=kernel, permute=ref, experts=ref, combine=ref"
+
+
+def test_fallback_of_a_part_is_reported(fakes, capsys, tmp_path):
+    fakes(fb.declining())
+    js = tmp_path / "c.json"
+    rc, out = _run(capsys, "--backends", "fake_declining", "--dtypes", "fp32", "--ops", "forward", "--quick",
+                   "--json", str(js))
+    assert rc == 0, out
+    fwd = json.loads(js.read_text())["cases"][0]
+    assert fwd["served_by"] == "no override"
+    assert fwd["served"]["moe_experts"] == {"served_by": "fallback", "reasons": ["no thanks"]}
+    assert "moe_experts: no thanks" in fwd["reasons"]
+    assert "experts=fallback" in out and "fake_declining: moe_experts: no thanks -> 1" in out
+
+
+def test_nothing_to_compare_is_not_a_pass(monkeypatch, capsys):
+    """With every backend unavailable (e.g. triton without numpy), compare says why, once per
+    reason, and exits 1: a CI job must not pass having compared nothing."""
+    import mojo_opset as mo
+
+    why = "triton is not importable (ModuleNotFoundError: No module named 'numpy'); pip install 'mojo-opset[triton]'"
+    fake = {"torch": {"available": True, "reason": None, "source": "core", "ops": []},
+            "triton": {"available": False, "reason": why, "source": "entry point", "ops": []},
+            "ttx": {"available": False, "reason": why, "source": "entry point", "ops": []}}
+    monkeypatch.setattr(mo, "available_backends", lambda: fake)
+    rc = main(["compare", "--no-progress", "--quick"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "nothing compared" in err
+    assert out.count("mojo-opset[triton]") == 1 and "triton, ttx: unavailable" in out
+
+
+def test_tables_fit_100_columns(fakes, capsys):
+    """Every line of the report fits 100 columns, whatever the options, parts and reasons."""
+    long_reason = "this backend declines every call because " + "of a very long explanation " * 6
+    fakes(fb.FakeBackend("fake_verbose", {
+        "moe_experts": fb.mo.op_impl("moe_experts", fb._experts, reasons=lambda call: [long_reason])}))
+    rc, out = _run(capsys, "--backends", "fake_verbose", "--dtypes", "fp32", "--ops", "gating,experts,forward")
+    assert rc == 0, out
+    assert "g4/2:top2_sum" in out and long_reason.split()[0] in out
+    too_wide = [ln for ln in out.splitlines() if len(ln) > 100]
+    assert not too_wide, too_wide[:3]

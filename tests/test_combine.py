@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from mojo_opset.ops.combine import combine_reference
-from mojo_opset.ops.permute import permute_reference
+from mojo_opset.reference.combine import combine_reference
+from mojo_opset.reference.permute import permute_reference
 
 
 def naive_combine(expert_out, pair_row, w, T):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import mojo_opset as mo
-from mojo_opset.ops.experts import (can_use_grouped_mm, experts_grouped_mm, experts_loop, experts_reference)
-from mojo_opset.ops.experts_op import experts_loop_op
+from mojo_opset.reference.experts import (can_use_grouped_mm, experts_grouped_mm, experts_loop, experts_reference)
+from mojo_opset.reference.experts_op import experts_loop_op
 from naive_moe import swiglu_mlp
 
 H, I, E = 16, 8, 4

@@ -66,7 +66,8 @@ def test_forward_and_gradients_match_naive(dtype, rel, routing, shared):
 def test_router_info_contents():
     d, kw = setup(torch.float32, "deepseek", "none", requires_grad=False)
     y, info = call_moe(d, kw, return_router_info=True)
-    assert set(info) == {"scores", "topk_ids", "topk_weights", "tokens_per_expert"}
+    assert set(info) == {"scores", "topk_ids", "topk_weights", "tokens_per_expert", "logits"}
+    torch.testing.assert_close(info["logits"], d["x"].float() @ d["gate_weight"].float().t() + d["gate_bias"].float())
     ids, w, scores = mo.moe_gating(d["x"], d["gate_weight"], 3, gate_bias=d["gate_bias"], return_scores=True,
                                    **{k: v for k, v in kw.items() if k != "top_k"})
     assert torch.equal(info["topk_ids"], ids) and torch.equal(info["topk_weights"], w)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mojo_opset as mo
-from mojo_opset.ops.router_gemm import router_logits
+from mojo_opset.reference.router_gemm import router_logits
 from naive_moe import naive_ids, naive_scores
 
 INF = math.inf

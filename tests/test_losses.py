@@ -91,6 +91,29 @@ def test_bad_inputs():
         losses.router_z_loss(torch.rand(3))
 
 
+@pytest.mark.parametrize("bad", [4, 9, -1])
+def test_ids_out_of_range_name_the_argument(bad):
+    """An id outside [0, E) is an error naming topk_ids and the range (was an IndexError from
+    index_add, and in the sequence loss could count for another sequence's expert)."""
+    scores = torch.rand(4, 4)
+    ids = torch.tensor([[0, 1], [2, 3], [1, bad], [3, 0]])
+    msg = r"topk_ids must lie in \[0, 4\)"
+    with pytest.raises(ValueError, match=msg):
+        losses.load_balancing_loss(scores, ids)
+    with pytest.raises(ValueError, match=msg):
+        losses.sequence_load_balancing_loss(scores, ids, 2)
+    with pytest.raises(ValueError, match=msg):
+        losses.global_load_balancing_loss(scores, ids)
+    with pytest.raises(ValueError, match=msg):
+        losses.expert_counts(ids, 4)
+    ok = ids.clamp(0, 3)
+    assert losses.expert_counts(ok, 4).sum() == 8
+    with pytest.raises(ValueError, match="num_experts must be >= 1"):
+        losses.expert_counts(ok, 0)
+    with pytest.raises(TypeError, match="topk_ids must have an integer dtype"):
+        losses.expert_counts(ok.float(), 4)
+
+
 def _global_worker(rank, world, path, out):
     import torch.distributed as dist
 

@@ -137,8 +137,45 @@ def test_submodule_forwards():
     torch.testing.assert_close(s(x), naive_s, rtol=1e-5, atol=1e-6)
     y = m(x)
     torch.testing.assert_close(y, naive + naive_s, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="topk_ids and topk_weights"):
+    with pytest.raises(ValueError, match=r"topk_ids must have shape \[T, K\] with T = 6"):
         m.experts(x, ids[:3], w)
+    with pytest.raises(ValueError, match=r"topk_weights must have shape \[6, 2\]"):
+        m.experts(x, ids, w[:, :1])
+
+
+BACKENDS = ["torch", "triton", "ttx"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_experts_validates_ids(backend):
+    """The module takes ids as the functional ops do: integer [T, K] in [0, E), else an error naming
+    topk_ids (a float id was truncated; an id outside [0, E) was dropped, read out of bounds or raised
+    an IndexError, depending on the backend)."""
+    if not mo.available_backends().get(backend, {}).get("available"):
+        pytest.skip(f"backend {backend} unavailable")
+    ex = make_cfg().build(hidden_size=H).experts
+    x = torch.randn(3, H)
+    w = torch.rand(3, K)
+    ok = torch.tensor([[0, 1], [2, 7], [5, 3]])
+    assert ex(x, ok, w, backend=backend).shape == (3, H)
+    assert torch.equal(ex(x, ok.to(torch.int32), w, backend=backend), ex(x, ok, w, backend=backend))
+    with pytest.raises(TypeError, match=r"topk_ids must have dtype in \(int32, int64\), got float32"):
+        ex(x, ok.float() + 0.7, w, backend=backend)
+    with pytest.raises(TypeError, match="topk_ids must have dtype"):
+        ex(x, ok.bool(), w, backend=backend)
+    for bad in (E, E + 5, -1):
+        ids = ok.clone()
+        ids[1, 1] = bad
+        with pytest.raises(ValueError, match=rf"topk_ids must lie in \[0, {E}\)"):
+            ex(x, ids, w, backend=backend)
+    with pytest.raises(ValueError, match=r"topk_ids must have 2 dimensions"):
+        ex(x, ok.reshape(-1), w.reshape(-1), backend=backend)
+    with pytest.raises(TypeError, match=r"topk_weights must have dtype"):
+        ex(x, ok, w.to(torch.int64), backend=backend)
+    with pytest.raises(ValueError, match=r"x must have 2 dimensions"):
+        ex(x[None], ok, w, backend=backend)
+    with pytest.raises(TypeError, match=r"x must be a torch.Tensor"):
+        ex(x.tolist(), ok, w, backend=backend)
 
 
 def test_forced_ids_and_backend_argument():
@@ -179,6 +216,35 @@ def test_training_state_and_aux_losses():
     assert losses.update_expert_biases(m) == 1
     with pytest.raises(RuntimeError, match="expert_bias=True"):
         make_cfg().build(hidden_size=H).update_expert_bias()
+
+
+@pytest.mark.parametrize("aux", ["switch", "sequence", "global", None])
+@pytest.mark.parametrize("z", [0.0, 0.01])
+def test_aux_and_z_loss_with_non_reentrant_checkpointing(aux, z):
+    """The recomputed forward saves what the original saved (its losses included); the training
+    state is updated once per forward."""
+    if aux is None and not z:
+        pytest.skip("no loss configured")
+    from torch.utils.checkpoint import checkpoint
+
+    cfg = dataclasses.replace(make_cfg(), aux_loss=aux, aux_loss_coeff=0.1 if aux else 0.0, z_loss_coeff=z)
+    x0 = torch.randn(2, 3, H)
+
+    def run(ckpt):
+        m = cfg.build(hidden_size=H).train()
+        x = x0.clone().requires_grad_(True)
+        y = checkpoint(m, x, use_reentrant=False) if ckpt else m(x)
+        aux_total = losses.collect_aux_losses(m)
+        ((y * torch.linspace(-1, 1, H)).sum() + 100 * aux_total).backward()
+        return m, x.grad, aux_total.detach()
+
+    ref, ref_x, ref_aux = run(False)
+    got, got_x, got_aux = run(True)
+    assert torch.equal(got_aux, ref_aux)
+    assert torch.equal(got.expert_load, ref.expert_load)   # the recompute did not count again
+    torch.testing.assert_close(got_x, ref_x)
+    for (n, p), q in zip(got.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
 def test_sequence_aux_loss_uses_sequence_dim():

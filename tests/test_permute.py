@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
-from mojo_opset.ops.experts import experts_loop
-from mojo_opset.ops.permute import padded_rows, permute_reference
+from mojo_opset.reference.experts import experts_loop
+from mojo_opset.reference.permute import padded_rows, permute_reference
 
 ALIGNS = (1, 8, 16, 32, 64, 128)
 

@@ -1,11 +1,12 @@
 """quant_moe_forward (SPEC §3.6) against the float MoE and an independent float64 emulation; routing
 options, forced ids, shared experts, dispatch and bad input."""
+import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
 
 import mojo_opset as mo
-from mojo_opset.ops.forward import shared_experts
+from mojo_opset.reference.shared import shared_experts
 
 A8 = ("w8a8_int8", "w4a8_int4", "w8a8_fp8_block")
 A16 = ("w8a16_int8", "w4a16_int4")
@@ -213,13 +214,13 @@ class _QuantDemo(mo.Backend):
         self.calls = []
 
     def load(self):
-        def forward(**call):
+        def forward(call):
             self.calls.append(call)
             from mojo_opset.quant import quant_experts_reference
-            return quant_experts_reference(**call) * 2
+            return quant_experts_reference(call.x, call.topk_ids, call.topk_weights, call.qexperts) * 2
 
-        def reasons(**call):
-            return ["fp8 not served"] if call["qexperts"].scheme == "w8a8_fp8_block" else []
+        def reasons(call):
+            return ["fp8 not served"] if call.qexperts.scheme == "w8a8_fp8_block" else []
 
         return {"quant_moe_forward": mo.op_impl("quant_moe_forward", forward, reasons)}
 
@@ -236,8 +237,9 @@ def test_dispatch_reference_backend_and_fallback():
         assert mo.last_served("quant_moe_forward")["served_by"] == "kernel"
         assert torch.equal(yk, 2 * y)
         call = demo.calls[-1]
-        assert set(call) == {"x", "topk_ids", "topk_weights", "qexperts", "activation"}
-        assert call["qexperts"] is q and call["topk_ids"].dtype == torch.int32 and call["activation"] == "swiglu"
+        assert {f.name for f in dataclasses.fields(call)} == {"x", "topk_ids", "topk_weights", "qexperts", "activation",
+                                                                  "deterministic"}
+        assert call.qexperts is q and call.topk_ids.dtype == torch.int32 and call.activation == "swiglu"
         qf = mo.quantize_experts(w13, w2, "w8a8_fp8_block")
         yf = mo.quant_moe_forward(x, gw, qf, 2, backend="quantdemo")
         assert mo.last_served("quant_moe_forward") == {"backend": "quantdemo", "served_by": "fallback",

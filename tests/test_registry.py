@@ -78,6 +78,21 @@ def test_vendor_plugin_discovered_and_selected_by_env(demo_vendor, monkeypatch):
     assert last["moe_forward"]["served_by"] == "no override"
 
 
+def test_vendor_plugin_passes_compare(demo_vendor, capsys, tmp_path):
+    """The demo serves what it declares exactly as the reference does, edge cases (T = 0) included."""
+    import json
+
+    from mojo_opset.cli import main
+    js = tmp_path / "demo.json"
+    rc = main(["compare", "--backends", "demo", "--no-progress", "--json", str(js)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    cases = json.loads(js.read_text())["cases"]
+    assert cases and all(c["status"] == "PASS" for c in cases), out
+    served = {(c["op"], c["shape"]["T"]) for c in cases if c["served_by"] == "kernel"}
+    assert ("moe_gating", 0) in served and ("moe_combine", 0) in served
+
+
 def test_vendor_fallback_with_reason_and_counter(demo_vendor, caplog):
     x, gw, w13, w2, K = _problem(dtype=torch.float16)
     ref = mo.moe_forward(x, gw, w13, w2, K, backend="torch")
@@ -199,7 +214,7 @@ def test_device_not_served_is_a_fallback_reason():
         device_types = ("cuda",)
 
         def load(self):
-            return {"moe_combine": mo.op_impl("moe_combine", lambda **c: 1 / 0)}
+            return {"moe_combine": mo.op_impl("moe_combine", lambda call: 1 / 0)}
 
     mo.register_backend(CudaOnly())
     try:
@@ -228,14 +243,14 @@ def test_autograd_declined_when_impl_has_no_backward(demo_vendor):
 
 
 def test_capability_check_that_raises_becomes_a_reason():
-    def bad_reasons(**call):
+    def bad_reasons(call):
         raise KeyError("oops")
 
     class B(mo.Backend):
         name = "badcheck"
 
         def load(self):
-            return {"moe_combine": mo.op_impl("moe_combine", lambda **c: None, bad_reasons)}
+            return {"moe_combine": mo.op_impl("moe_combine", lambda call: None, bad_reasons)}
 
     mo.register_backend(B())
     try:

@@ -57,17 +57,18 @@ def test_strict_option_turns_fallbacks_into_failures(pytester):
     try:
         pytester.makepyfile('''
 import torch
-from mojo_opset.ops.permute import permute_reference
+from mojo_opset.reference.permute import permute_reference
 from mojo_opset import dispatch
+from mojo_opset.contract import ExpertsCall
 
 def test_experts(mojo_backend):
     x = torch.randn(4, 8)
     ids = torch.tensor([[0], [1], [0], [1]], dtype=torch.int32)
     px, _, ends, _, _ = permute_reference(x, ids, 2)
     w13, w2 = torch.randn(2, 8, 8), torch.randn(2, 8, 4)
-    from mojo_opset.ops.experts import experts_reference
-    dispatch.dispatch("moe_experts", experts_reference,
-                      dict(permuted_x=px, group_ends=ends, w13=w13, w2=w2, activation="swiglu"), device=x.device)
+    from mojo_opset.functional.experts import experts_reference_call
+    dispatch.dispatch(ExpertsCall(permuted_x=px, group_ends=ends, w13=w13, w2=w2, activation="swiglu"),
+                      experts_reference_call)
 ''')
         pytester.runpytest_inprocess("--mojo-backends=fake_declining").assert_outcomes(passed=1)
         res = pytester.runpytest_inprocess("--mojo-backends=fake_declining", "--mojo-strict")

@@ -8,9 +8,10 @@ rounding error of at most 2**-9 / 2**-12 each, the size of the output's own roun
 from __future__ import annotations
 
 import torch
-from mojo_opset.backend import OpImpl
 
-from .runtime import device_reason, torch_npu_module, version_tuple
+from mojo_opset.contract.names import MOE_COMBINE
+
+from .platform import NpuOpImpl, torch_npu_module, version_tuple
 
 UNPERMUTE_OP = "npu_moe_token_unpermute"
 FINALIZE_OP = "npu_moe_finalize_routing"
@@ -19,6 +20,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def unpermute(expert_out, pair_row, topk_weights):
+    """``[T, H]``: each token's weighted sum of its K rows of ``expert_out``."""
     npu = torch_npu_module()
     T, K = topk_weights.shape
     w = topk_weights.to(expert_out.dtype).contiguous()
@@ -27,16 +29,6 @@ def unpermute(expert_out, pair_row, topk_weights):
         return npu.npu_moe_token_unpermute(rows, pair_row.to(torch.int32).contiguous(), probs=w)
     slot_major = pair_row.view(T, K).t().reshape(-1).to(torch.int32)
     return npu.npu_moe_finalize_routing(rows, None, None, None, w, slot_major, None, drop_pad_mode=0)
-
-
-@torch.library.custom_op("mojo_npu::combine", mutates_args=())
-def combine_kernel(expert_out: torch.Tensor, pair_row: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    return unpermute(expert_out, pair_row, topk_weights)
-
-
-@combine_kernel.register_fake
-def _(expert_out, pair_row, topk_weights):
-    return expert_out.new_empty((topk_weights.shape[0], expert_out.shape[1]))
 
 
 def unpermute_op_reasons() -> list[str]:
@@ -49,32 +41,19 @@ def unpermute_op_reasons() -> list[str]:
             f"nor {FINALIZE_OP} with optional arguments (torch_npu >= 2.4.0)"]
 
 
-def combine_reasons(expert_out, pair_row, topk_weights, num_tokens) -> list[str]:
-    out = unpermute_op_reasons()
-    for name, t in (("expert_out", expert_out), ("pair_row", pair_row), ("topk_weights", topk_weights)):
-        r = device_reason(name, t)
-        if r:
-            out.append(r)
-    if expert_out.dtype not in FLOAT_DTYPES:
-        out.append(f"expert_out dtype {expert_out.dtype}: the unpermute operators take fp16, bf16 or fp32")
-    if num_tokens == 0:
-        out.append("T = 0: nothing to combine")
-    if expert_out.shape[0] != pair_row.numel():
-        out.append(f"expert_out has {expert_out.shape[0]} rows for {pair_row.numel()} pairs (padded groups, "
-                   "align > 1): the unpermute operators expect exactly T*K rows")
-    return out
+class NpuCombine(NpuOpImpl):
+    op = MOE_COMBINE
+    dtypes = FLOAT_DTYPES
 
+    def extra_reasons(self, call):
+        out = unpermute_op_reasons()
+        if call.num_tokens == 0:
+            out.append("T = 0: nothing to combine")
+        rows, pairs = call.expert_out.shape[0], call.pair_row.numel()
+        if rows != pairs:
+            out.append(f"expert_out has {rows} rows for {pairs} pairs (padded groups, align > 1): the "
+                       "unpermute operators expect exactly T*K rows")
+        return out
 
-class NpuCombine(OpImpl):
-    op = "moe_combine"
-    supports_autograd = False
-
-    def reasons(self, expert_out, pair_row, topk_weights, num_tokens, **_):
-        return combine_reasons(expert_out, pair_row, topk_weights, num_tokens)
-
-    def cache_key(self, expert_out, pair_row, topk_weights, num_tokens, **_):
-        return (expert_out.device.type, expert_out.dtype, pair_row.device.type, topk_weights.device.type,
-                num_tokens == 0, expert_out.shape[0] == pair_row.numel())
-
-    def forward(self, expert_out, pair_row, topk_weights, num_tokens, **_):
-        return combine_kernel(expert_out, pair_row, topk_weights)
+    def forward(self, call):
+        return torch.ops.mojo_npu.combine(call.expert_out, call.pair_row, call.topk_weights)

@@ -8,9 +8,10 @@ undefined in the operator's output and are zeroed here, as the op contract requi
 from __future__ import annotations
 
 import torch
-from mojo_opset.backend import OpImpl
 
-from .runtime import device_reason, missing_ops, torch_npu_module, version_tuple
+from mojo_opset.contract.names import MOE_EXPERTS
+
+from .platform import NpuOpImpl, missing_ops, release, torch_npu_module, version_tuple
 
 GMM_OP = "npu_grouped_matmul"
 SWIGLU_OP = "npu_swiglu"
@@ -18,13 +19,16 @@ MAX_GROUPS = 1024
 MAX_LAST_DIM = 65535
 GEMM_DTYPES = (torch.float16, torch.bfloat16)
 TENSOR_GROUP_LIST_SINCE = (2, 5, 1)   # op-plugin 7.0.0; earlier releases take group_list as host ints
+# what the grouped-matmul chain can take: at most 1024 groups, every GEMM's last dim < 65536
+# (w13 [E, 2I, H] and w2 [E, H, I]: H <= 65535 and 2I <= 65535)
+GMM_LIMITS = {"num_experts": MAX_GROUPS, "hidden_size": MAX_LAST_DIM, "intermediate_size": MAX_LAST_DIM // 2}
 
 
 def grouped_matmul_reasons() -> list[str]:
     out = missing_ops(GMM_OP, since="2.5.1")
     if not out and version_tuple() < TENSOR_GROUP_LIST_SINCE:
-        out.append(f"torch_npu {'.'.join(map(str, version_tuple()))}: npu_grouped_matmul takes a device "
-                   "group_list (no host sync) from torch_npu 2.5.1")
+        out.append(f"torch_npu {release()}: npu_grouped_matmul takes a device group_list (no host sync) from "
+                   "torch_npu 2.5.1")
     return out
 
 
@@ -41,60 +45,34 @@ def swiglu_experts(permuted_x, group_ends, w13, w2):
     return grouped_matmul(npu, a, w2.transpose(1, 2), group_ends)
 
 
-@torch.library.custom_op("mojo_npu::experts", mutates_args=())
-def experts_kernel(permuted_x: torch.Tensor, group_ends: torch.Tensor, w13: torch.Tensor,
-                   w2: torch.Tensor) -> torch.Tensor:
+def experts(permuted_x, group_ends, w13, w2):
+    """The op contract's output: rows past ``group_ends[-1]`` zeroed."""
     y = swiglu_experts(permuted_x, group_ends, w13, w2)
     valid = torch.arange(y.shape[0], device=y.device) < group_ends[-1]
     return torch.where(valid[:, None], y, y.new_zeros(()))
 
 
-@experts_kernel.register_fake
-def _(permuted_x, group_ends, w13, w2):
-    return permuted_x.new_empty((permuted_x.shape[0], w2.shape[1]))
-
-
-def experts_reasons(x, w13, w2, activation, x_name="permuted_x") -> list[str]:
-    """Why the grouped-matmul chain cannot take this call (shared with moe_forward)."""
+def experts_reasons(x, w13, w2, x_name="permuted_x") -> list[str]:
+    """Why the grouped-matmul chain cannot take these float experts (shared with moe_forward)."""
     out = grouped_matmul_reasons() + missing_ops(SWIGLU_OP, since="2.5.1")
-    for name, t in ((x_name, x), ("w13", w13), ("w2", w2)):
-        r = device_reason(name, t)
-        if r:
-            out.append(r)
-    if activation != "swiglu":
-        out.append(f"activation {activation!r}: only swiglu is implemented")
-    if x.dtype not in GEMM_DTYPES:
-        out.append(f"{x_name} dtype {x.dtype}: the grouped-matmul path serves fp16 and bf16")
     if w13.dtype != x.dtype or w2.dtype != x.dtype:
         out.append(f"expert weights ({w13.dtype}, {w2.dtype}) differ from {x_name} ({x.dtype}); "
                    "the backend does not cast weights per call")
     if not (w13.is_contiguous() and w2.is_contiguous()):
         out.append("w13/w2 are not contiguous; the backend does not copy expert weights per call")
-    E, N, H = w13.shape
-    if E > MAX_GROUPS:
-        out.append(f"E = {E} experts: npu_grouped_matmul takes at most {MAX_GROUPS} groups")
-    if max(N, H) > MAX_LAST_DIM:
-        out.append(f"a GEMM dimension of {max(N, H)}: npu_grouped_matmul needs every last dim < 65536")
     if x.shape[0] == 0:
         out.append("no rows: nothing to compute")
     return out
 
 
-class NpuExperts(OpImpl):
-    op = "moe_experts"
-    supports_autograd = False
-    required_alignment = 1  # group_list takes any group sizes
+class NpuExperts(NpuOpImpl):
+    op = MOE_EXPERTS
+    dtypes = GEMM_DTYPES        # SwiGLU only: ``activation`` is not declared
+    limits = GMM_LIMITS
+    required_alignment = 1      # group_list takes any group sizes
 
-    def reasons(self, permuted_x, group_ends, w13, w2, activation="swiglu", **_):
-        out = experts_reasons(permuted_x, w13, w2, activation)
-        if group_ends is not None and group_ends.dtype not in (torch.int32, torch.int64):
-            out.append(f"group_ends dtype {group_ends.dtype}: expected int32")
-        return out
+    def extra_reasons(self, call):
+        return experts_reasons(call.permuted_x, call.w13, call.w2)
 
-    def cache_key(self, permuted_x, group_ends, w13, w2, activation="swiglu", **_):
-        return (permuted_x.device.type, permuted_x.dtype, permuted_x.shape[0] == 0, w13.device.type,
-                w2.device.type, w13.dtype, w2.dtype, tuple(w13.shape), w13.is_contiguous(), w2.is_contiguous(), activation,
-                None if group_ends is None else group_ends.dtype)
-
-    def forward(self, permuted_x, group_ends, w13, w2, activation="swiglu", **_):
-        return experts_kernel(permuted_x, group_ends, w13, w2)
+    def forward(self, call):
+        return torch.ops.mojo_npu.experts(call.permuted_x, call.group_ends, call.w13, call.w2)

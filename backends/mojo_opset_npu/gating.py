@@ -7,31 +7,23 @@ can change which experts win) and the weights come back in fp32.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from mojo_opset.backend import OpImpl
 
-from .runtime import device_reason, missing_ops, torch_npu_module, version_tuple
+from mojo_opset.contract.names import MOE_GATING
+
+from .platform import NpuOpImpl, missing_ops, release, torch_npu_module, version_tuple
 
 MAX_EXPERTS = 2048
 GATING_OP = "npu_moe_gating_top_k"
 # torch_npu releases before 2.7.1 (op-plugin 7.0/7.1) documented only DeepSeek-V3's configuration.
 GENERAL_FORM_SINCE = (2, 7)
 GROUP_SELECT_MODE = {"max": 0, "top2_sum": 1}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def operator_groups(num_expert_groups: int, num_limited_groups: int) -> tuple[int, int]:
-    """``(group_count, k_group)`` for the operator: keeping every group is no group limit."""
-    if num_limited_groups >= num_expert_groups:
-        return 1, 1
-    return num_expert_groups, num_limited_groups
-
-
-@torch.library.custom_op("mojo_npu::gating", mutates_args=())
-def gating_kernel(logits: torch.Tensor, top_k: int, sigmoid: bool, route_norm: bool, route_scale: float,
-                  expert_bias: Optional[torch.Tensor], group_count: int, k_group: int,
-                  group_select_mode: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gating_top_k(logits, top_k, sigmoid, route_norm, route_scale, expert_bias, group_count, k_group,
+                 group_select_mode):
+    """``(ids int32 [T, K], weights fp32 [T, K], scores fp32 [T, E])`` from the operator."""
     npu = torch_npu_module()
     x = logits.float().contiguous()
     bias = None if expert_bias is None else expert_bias.float().contiguous()
@@ -56,53 +48,34 @@ def gating_kernel(logits: torch.Tensor, top_k: int, sigmoid: bool, route_norm: b
     return ids, weights, scores
 
 
-@gating_kernel.register_fake
-def _(logits, top_k, sigmoid, route_norm, route_scale, expert_bias, group_count, k_group, group_select_mode):
-    T, E = logits.shape
-    return (logits.new_empty((T, top_k), dtype=torch.int32), logits.new_empty((T, top_k), dtype=torch.float32),
-            logits.new_empty((T, E), dtype=torch.float32))
+class NpuGating(NpuOpImpl):
+    op = MOE_GATING
+    dtypes = FLOAT_DTYPES       # always cast to fp32 for the operator (exact)
+    # router replay is not declared: the operator always chooses its own experts
+    options = frozenset({"score_func", "route_norm", "route_scale", "expert_bias", "num_expert_groups",
+                         "group_score"})
+    limits = {"num_experts": MAX_EXPERTS}
 
-
-class NpuGating(OpImpl):
-    op = "moe_gating"
-    supports_autograd = False  # the core rebuilds differentiable weights from the ids
-
-    def reasons(self, logits, top_k, score_func="softmax", route_norm=False, route_scale=1.0,
-                expert_bias=None, num_expert_groups=1, num_limited_groups=1, group_score="top2_sum",
-                forced_expert_ids=None, **_):
-        out = []
-        if forced_expert_ids is not None:
-            out.append("forced_expert_ids (router replay): npu_moe_gating_top_k always chooses its own experts")
-        out += missing_ops(GATING_OP, since="2.5.1")
-        r = device_reason("logits", logits)
-        if r:
-            out.append(r)
-        T, E = logits.shape
+    def extra_reasons(self, call):
+        r = call.routing
+        out = missing_ops(GATING_OP, since="2.5.1")
+        T, E = call.logits.shape
         if T == 0:
             out.append("T = 0: nothing to route")
-        if E > MAX_EXPERTS:
-            out.append(f"E = {E} experts: npu_moe_gating_top_k supports at most {MAX_EXPERTS}")
-        G, L = operator_groups(num_expert_groups, num_limited_groups)
+        G, L = r.num_expert_groups, r.num_limited_groups   # G = L = 1: no group limit (the core's normal form)
         if E // G <= 2:
             out.append(f"{E // G} experts per group: npu_moe_gating_top_k needs more than 2 per group")
         if out:
             return out
         if version_tuple() < GENERAL_FORM_SINCE and not (E == 256 and G == 8 and L == 4
-                                                          and expert_bias is not None):
-            out.append(f"torch_npu {'.'.join(map(str, version_tuple()))} documents npu_moe_gating_top_k only for DeepSeek-V3's "
+                                                          and r.expert_bias is not None):
+            out.append(f"torch_npu {release()} documents npu_moe_gating_top_k only for DeepSeek-V3's "
                        "routing (E = 256, 8 groups / 4 kept, expert bias); other configurations need "
                        "torch_npu >= 2.7.1")
         return out
 
-    def cache_key(self, logits, top_k, score_func="softmax", route_norm=False, route_scale=1.0,
-                  expert_bias=None, num_expert_groups=1, num_limited_groups=1, group_score="top2_sum",
-                  forced_expert_ids=None, **_):
-        return (logits.device.type, logits.shape[0] == 0, logits.shape[1], expert_bias is None,
-                num_expert_groups, num_limited_groups, forced_expert_ids is None)
-
-    def forward(self, logits, top_k, score_func="softmax", route_norm=False, route_scale=1.0,
-                expert_bias=None, num_expert_groups=1, num_limited_groups=1, group_score="top2_sum",
-                forced_expert_ids=None, **_):
-        G, L = operator_groups(num_expert_groups, num_limited_groups)
-        return gating_kernel(logits, top_k, score_func == "sigmoid", route_norm, float(route_scale),
-                             expert_bias, G, L, GROUP_SELECT_MODE[group_score])
+    def forward(self, call):
+        r = call.routing
+        return torch.ops.mojo_npu.gating(call.logits, r.top_k, r.score_func == "sigmoid", r.route_norm,
+                                         float(r.route_scale), r.expert_bias, r.num_expert_groups,
+                                         r.num_limited_groups, GROUP_SELECT_MODE[r.group_score])

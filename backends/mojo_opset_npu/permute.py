@@ -8,9 +8,10 @@ row moves down by the padding accumulated before its expert.
 from __future__ import annotations
 
 import torch
-from mojo_opset.backend import OpImpl
 
-from .runtime import device_reason, missing_ops, torch_npu_module
+from mojo_opset.contract.names import MOE_PERMUTE
+
+from .platform import NpuOpImpl, missing_ops, torch_npu_module
 
 ROUTING_OP = "npu_moe_init_routing_v2"
 MAX_EXPERTS = 10240
@@ -49,9 +50,8 @@ def pad_groups(rows, pair_row, counts, topk_ids, align):
     return out, ends, src, dest[pair_row]
 
 
-@torch.library.custom_op("mojo_npu::permute", mutates_args=())
-def permute_kernel(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
-                   align: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def permute(x, topk_ids, num_experts, align):
+    """The op contract's five outputs (int32 maps) from the operator, padded to ``align``."""
     rows, pair_row, counts = init_routing(x, topk_ids, num_experts)
     if align == 1:
         P = pair_row.shape[0]
@@ -64,45 +64,26 @@ def permute_kernel(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int,
             pair_row.to(torch.int32))
 
 
-@permute_kernel.register_fake
-def _(x, topk_ids, num_experts, align):
-    P = topk_ids.numel()
-    R = P if align == 1 else P + num_experts * (align - 1)
-    i32 = dict(dtype=torch.int32)
-    return (x.new_empty((R, x.shape[1])), x.new_empty((num_experts,), **i32), x.new_empty((num_experts,), **i32),
-            x.new_empty((R,), **i32), x.new_empty((P,), **i32))
-
-
-def routing_reasons(x, topk_ids, num_experts) -> list[str]:
-    """Why npu_moe_init_routing_v2 cannot take this call (shared with moe_forward)."""
+def routing_reasons(topk_ids) -> list[str]:
+    """Why npu_moe_init_routing_v2 cannot take these ids (shared with the forward ops)."""
     out = missing_ops(ROUTING_OP, since="2.5.1")
-    for name, t in (("x", x), ("topk_ids", topk_ids)):
-        r = device_reason(name, t)
-        if r:
-            out.append(r)
-    if x.dtype not in FLOAT_DTYPES:
-        out.append(f"x dtype {x.dtype}: npu_moe_init_routing_v2 takes fp16, bf16 or fp32 rows")
     if topk_ids.dtype != torch.int32:
         out.append(f"topk_ids dtype {topk_ids.dtype}: npu_moe_init_routing_v2 takes int32 expert ids")
     if topk_ids.numel() == 0:
         out.append("T = 0: nothing to permute")
     if topk_ids.numel() >= 2 ** 31:
         out.append(f"T*K = {topk_ids.numel()} pairs: the operator's row indices are int32")
-    if num_experts > MAX_EXPERTS:
-        out.append(f"E = {num_experts} experts: npu_moe_init_routing_v2 supports at most {MAX_EXPERTS}")
     return out
 
 
-class NpuPermute(OpImpl):
-    op = "moe_permute"
-    supports_autograd = False
+class NpuPermute(NpuOpImpl):
+    op = MOE_PERMUTE
+    dtypes = FLOAT_DTYPES
+    options = frozenset({"align"})      # padding is applied after the operator
+    limits = {"num_experts": MAX_EXPERTS}
 
-    def reasons(self, x, topk_ids, num_experts, align=1, **_):
-        return routing_reasons(x, topk_ids, num_experts)
+    def extra_reasons(self, call):
+        return routing_reasons(call.topk_ids)
 
-    def cache_key(self, x, topk_ids, num_experts, align=1, **_):
-        return (x.device.type, x.dtype, topk_ids.device.type, topk_ids.dtype, topk_ids.numel() == 0,
-                topk_ids.numel() >= 2 ** 31, num_experts)
-
-    def forward(self, x, topk_ids, num_experts, align=1, **_):
-        return permute_kernel(x, topk_ids, int(num_experts), int(align))
+    def forward(self, call):
+        return torch.ops.mojo_npu.permute(call.x, call.topk_ids, call.num_experts, call.align)

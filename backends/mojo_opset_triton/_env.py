@@ -1,13 +1,23 @@
 """Where the kernels can run: a CUDA device, or CPU tensors under the Triton interpreter."""
 from __future__ import annotations
 
-import os
+import contextlib
+import threading
 
 import torch
 
+from mojo_opset.environ import getenv
+
+# the Triton interpreter is not thread-safe: kernels run under it one at a time
+_INTERPRETER_LOCK = threading.RLock()
+
+
+_ON = ("1", "true", "yes", "on")
+_NULL = contextlib.nullcontext()
+
 
 def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    return getenv("TRITON_INTERPRET").strip().lower() in _ON
 
 
 def unavailable_reason() -> str | None:
@@ -38,3 +48,10 @@ def device_reason(t: torch.Tensor) -> str | None:
             return None
         return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)"
     return f"device type {dev!r} is not served (cuda, or cpu under the Triton interpreter)"
+
+
+def serialized():
+    """A context that runs a kernel launch alone when the interpreter is on (a no-op on a GPU)."""
+    if not interpreter_on() or torch.compiler.is_compiling():   # a graph cannot hold a lock
+        return _NULL
+    return _INTERPRETER_LOCK

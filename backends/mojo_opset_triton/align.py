@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 MAX_EXPERTS = 1024
 
 
@@ -161,8 +163,8 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, align: int, rows: int,
     BP = triton.next_power_of_2(max(P, 1))
     if BP * BE <= SMALL_TILE and BP <= 256:
         BR = max(16, min(128, 8192 // BP))
-        _align_small_kernel[(1,)](flat, P, E, align, tpe, ends, row_src, rows, pair_row, block_expert, n_blocks,
-                                  BLOCK_M=max(block_m, 1), BP=BP, BE=BE, BR=BR, num_warps=4)
+        launch(_align_small_kernel, (1,), flat, P, E, align, tpe, ends, row_src, rows, pair_row, block_expert,
+               n_blocks, BLOCK_M=max(block_m, 1), BP=BP, BE=BE, BR=BR, num_warps=4)
         return tpe, ends, row_src, pair_row, (block_expert[:n_blocks] if block_m else None)
     CHUNK = _chunk(E)
     n_chunks = triton.cdiv(P, CHUNK)
@@ -170,12 +172,12 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, align: int, rows: int,
     base = torch.empty_like(counts)
     FILL = 1024
     grid = max(n_chunks, triton.cdiv(rows, FILL), 1)
-    _histogram_kernel[(grid,)](flat, P, counts, row_src, rows, E, CHUNK=CHUNK, BE=BE, FILL=FILL, num_warps=4)
+    launch(_histogram_kernel, (grid,), flat, P, counts, row_src, rows, E, CHUNK=CHUNK, BE=BE, FILL=FILL, num_warps=4)
     CH = max(1, min(16, 4096 // BE))
-    _scan_kernel[(1,)](counts, n_chunks, E, align, tpe, ends, base, block_expert, n_blocks,
-                       BLOCK_M=max(block_m, 1), BE=BE, CH=CH, BB=max(1, min(64, 8192 // BE)), num_warps=4)
+    launch(_scan_kernel, (1,), counts, n_chunks, E, align, tpe, ends, base, block_expert, n_blocks,
+           BLOCK_M=max(block_m, 1), BE=BE, CH=CH, BB=max(1, min(64, 8192 // BE)), num_warps=4)
     if n_chunks:
-        _scatter_kernel[(n_chunks,)](flat, P, E, base, row_src, pair_row, CHUNK=CHUNK, num_warps=4)
+        launch(_scatter_kernel, (n_chunks,), flat, P, E, base, row_src, pair_row, CHUNK=CHUNK, num_warps=4)
     return tpe, ends, row_src, pair_row, (block_expert[:n_blocks] if block_m else None)
 
 
@@ -187,8 +189,12 @@ def _gather_rows_kernel(x_ptr, stride_xt, stride_xh, row_src_ptr, out_ptr, H, TO
     src = tl.load(row_src_ptr + r)
     h = hb * BH + tl.arange(0, BH)
     tok = tl.where(src >= 0, src // TOPK, 0).to(tl.int64)
-    v = tl.load(x_ptr + tok * stride_xt + h * stride_xh, mask=(h < H) & (src >= 0), other=0.0)
-    tl.store(out_ptr + r * H + h, v, mask=h < H)
+    hmask = h < H
+    # the scalar condition joins the block through a boolean block: Triton 3.9's interpreter
+    # rejects a mask made by splatting a scalar comparison (the compiled code is the same)
+    v = tl.load(x_ptr + tok * stride_xt + h * stride_xh, mask=hmask & (tl.zeros_like(hmask) | (src >= 0)),
+                other=0.0)
+    tl.store(out_ptr + r * H + h, v, mask=hmask)
 
 
 def permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: int):
@@ -200,6 +206,6 @@ def permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: in
     out = torch.empty(R, H, dtype=x.dtype, device=x.device)
     if R and H:
         BH = min(1024, triton.next_power_of_2(H))
-        _gather_rows_kernel[(R, triton.cdiv(H, BH))](x, x.stride(0), x.stride(1), row_src, out, H, K,
-                                                    BH=BH, num_warps=4)
+        launch(_gather_rows_kernel, (R, triton.cdiv(H, BH)), x, x.stride(0), x.stride(1), row_src, out, H, K,
+               BH=BH, num_warps=4)
     return out, tpe, ends, row_src, pair_row

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 @triton.jit
 def _combine_kernel(src_ptr, stride_sr, pair_row_ptr, ids_ptr, w_ptr, out_ptr, H, E,
@@ -26,7 +28,10 @@ def _combine_kernel(src_ptr, stride_sr, pair_row_ptr, ids_ptr, w_ptr, out_ptr, H
             e = tl.load(ids_ptr + p)
             ok = (e >= 0) & (e < E)
             w = 1.0
-        v = tl.load(src_ptr + row * stride_sr + h, mask=hmask & ok, other=0.0).to(tl.float32)
+        # the scalar `ok` joins the block through a boolean block: Triton 3.9's interpreter rejects
+        # a mask made by splatting a scalar comparison (the compiled code is the same)
+        v = tl.load(src_ptr + row * stride_sr + h, mask=hmask & (tl.zeros_like(hmask) | ok),
+                    other=0.0).to(tl.float32)
         acc += v * w
     tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=hmask)
 
@@ -35,8 +40,8 @@ def _launch(src, pair_row, ids, w, out, T, H, E, K, gather):
     if T == 0 or H == 0:
         return out
     BH = min(1024, triton.next_power_of_2(H))
-    _combine_kernel[(T, triton.cdiv(H, BH))](src, src.stride(0), pair_row, ids, w, out, H, E,
-                                             TOPK=K, BH=BH, GATHER=gather, num_warps=4)
+    launch(_combine_kernel, (T, triton.cdiv(H, BH)), src, src.stride(0), pair_row, ids, w, out, H, E,
+           TOPK=K, BH=BH, GATHER=gather, num_warps=4)
     return out
 
 

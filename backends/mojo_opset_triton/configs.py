@@ -93,6 +93,24 @@ def _device_info(index: int) -> tuple[str, int]:
     return props.name, props.multi_processor_count
 
 
+# The deterministic mode's one configuration for every token count: a tile shape, warp count and
+# pipeline depth fix the order in which each output element's products are summed (and which matrix
+# instruction sums them), so a row's bits then depend on that row alone; no split-K anywhere.
+DETERMINISTIC = {"BLOCK_M": 64,
+                 "up": {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3},
+                 "down": {"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}}
+DETERMINISTIC_FP32 = {"BLOCK_M": 64,
+                      "up": {"BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2},
+                      "down": {"BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 2}}
+
+
+def deterministic_config(x: torch.Tensor) -> dict:
+    """The tile configuration of the deterministic mode: the same whatever the token count."""
+    if x.device.type != "cuda":
+        return INTERPRETER
+    return DETERMINISTIC_FP32 if x.dtype == torch.float32 else DETERMINISTIC
+
+
 def get_config(x: torch.Tensor, T: int, E: int, H: int, I: int, K: int) -> dict:
     if x.device.type != "cuda":
         return INTERPRETER

@@ -9,11 +9,17 @@ The combine is then a plain deterministic reduction over K (``combine.py``).
 
 Rounding follows the reference (GEMM outputs rounded to the input dtype, SwiGLU in fp32).
 Offsets that can pass 2^31 (token * H, expert * N * K, row * N) are computed in int64.
+
+``ROWDOT`` (the deterministic mode under the interpreter): the tile product as an explicit sum over
+k.  On a GPU every row of a ``tl.dot`` tile is summed the same way; the interpreter's ``tl.dot`` is
+numpy's matmul, whose BLAS rounds a row differently depending on its position in the tile.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .launch import launch
 
 
 @triton.jit
@@ -30,9 +36,10 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_m"])
 def _up_kernel(x_ptr, w_ptr, out_ptr, row_src_ptr, block_expert_ptr, num_m, I, H, TOPK,
-               stride_xt, stride_xh, stride_we, stride_wn, stride_wk,
+               stride_xt, stride_xh, stride_we, stride_wn, stride_wk, h_ptr, h_shift_ptr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+               GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+               STORE_H: tl.constexpr, ROWDOT: tl.constexpr):
     pid = tl.program_id(0)
     pid_m, pid_n = _tile_ids(pid, num_m, tl.cdiv(I, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
@@ -65,7 +72,10 @@ def _up_kernel(x_ptr, w_ptr, out_ptr, row_src_ptr, block_expert_ptr, num_m, I, H
             a = a.to(tl.float32)
             bg = bg.to(tl.float32)
             bu = bu.to(tl.float32)
-        if IEEE:
+        if ROWDOT:
+            acc_g += tl.sum(a[:, :, None] * bg[None, :, :], axis=1)
+            acc_u += tl.sum(a[:, :, None] * bu[None, :, :], axis=1)
+        elif IEEE:
             acc_g = tl.dot(a, bg, acc_g, input_precision="ieee")
             acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
         else:
@@ -80,6 +90,14 @@ def _up_kernel(x_ptr, w_ptr, out_ptr, row_src_ptr, block_expert_ptr, num_m, I, H
     act = gate / (1.0 + tl.exp(-gate)) * up
     o_ptrs = out_ptr + offs_m[:, None] * I + offs_n[None, :]
     tl.store(o_ptrs, act.to(dt), mask=mask_n[None, :])
+    if STORE_H:
+        # training: the pre-activation [gate | up] for the backward, in compact sorted rows
+        # (no block padding: row = padded row - the expert's shift)
+        crow = offs_m - tl.load(h_shift_ptr + e).to(tl.int64)
+        h_ptrs = h_ptr + crow[:, None] * (2 * I) + offs_n[None, :]
+        hmask = valid_m[:, None] & mask_n[None, :]
+        tl.store(h_ptrs, gate.to(dt), mask=hmask)
+        tl.store(h_ptrs + I, up.to(dt), mask=hmask)
 
 
 @triton.jit(do_not_specialize=["num_m"])
@@ -87,7 +105,7 @@ def _down_kernel(a_ptr, w_ptr, y_ptr, row_src_ptr, block_expert_ptr, weight_ptr,
                  stride_we, stride_wn, stride_wk, stride_yr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                 PER_TOKEN: tl.constexpr):
+                 PER_TOKEN: tl.constexpr, ROWDOT: tl.constexpr):
     pid = tl.program_id(0)
     pid_m, pid_n = _tile_ids(pid, num_m, tl.cdiv(H, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
@@ -114,7 +132,9 @@ def _down_kernel(a_ptr, w_ptr, y_ptr, row_src_ptr, block_expert_ptr, weight_ptr,
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        if IEEE:
+        if ROWDOT:
+            acc += tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+        elif IEEE:
             acc = tl.dot(a, b, acc, input_precision="ieee")
         else:
             acc = tl.dot(a, b, acc)
@@ -130,27 +150,31 @@ def _down_kernel(a_ptr, w_ptr, y_ptr, row_src_ptr, block_expert_ptr, weight_ptr,
              mask=valid_m[:, None] & mask_n[None, :])
 
 
-def up_proj(x, w13, inter, row_src, block_expert, top_k, cfg, upcast, ieee):
+def up_proj(x, w13, inter, row_src, block_expert, top_k, cfg, upcast, ieee, h=None, h_shift=None, rowdot=False):
+    """``h``/``h_shift`` (training): also store the pre-activation in compact rows (see _up_kernel);
+    ``rowdot``: see the module's docstring."""
     R = inter.shape[0]
     I = inter.shape[1]
     H = x.shape[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     num_m = R // bm
     grid = (num_m * triton.cdiv(I, bn),)
-    _up_kernel[grid](x, w13, inter, row_src, block_expert, num_m, I, H, top_k,
-                     x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
-                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=H % bk == 0,
-                     UPCAST=upcast, IEEE=ieee, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch(_up_kernel, grid, x, w13, inter, row_src, block_expert, num_m, I, H, top_k,
+           x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
+           inter if h is None else h, block_expert if h_shift is None else h_shift,
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=H % bk == 0,
+           UPCAST=upcast, IEEE=ieee, STORE_H=h is not None, ROWDOT=rowdot,
+           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def down_proj(inter, w2, y, row_src, block_expert, weights_flat, top_k, cfg, upcast, ieee, per_token):
+def down_proj(inter, w2, y, row_src, block_expert, weights_flat, top_k, cfg, upcast, ieee, per_token, rowdot=False):
     R, I = inter.shape
     H = w2.shape[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     num_m = R // bm
     grid = (num_m * triton.cdiv(H, bn),)
-    _down_kernel[grid](inter, w2, y, row_src, block_expert, weights_flat, num_m, H, I, top_k,
-                       w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
-                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=I % bk == 0,
-                       UPCAST=upcast, IEEE=ieee, PER_TOKEN=per_token,
-                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch(_down_kernel, grid, inter, w2, y, row_src, block_expert, weights_flat, num_m, H, I, top_k,
+           w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=I % bk == 0,
+           UPCAST=upcast, IEEE=ieee, PER_TOKEN=per_token, ROWDOT=rowdot,
+           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .align import align_pairs, gemm_rows
 from .combine import sum_pairs
-from .configs import get_config
+from .configs import deterministic_config, get_config
 from .fused_experts import down_proj, up_proj
 
 
@@ -16,69 +15,49 @@ def kernel_flags(x: torch.Tensor) -> tuple[bool, bool]:
     return upcast, x.dtype == torch.float32 or upcast
 
 
-def fused_moe_forward(x, topk_ids, topk_weights, w13, w2, cfg=None):
-    """Routed-expert output [T, H] in x's dtype; no host synchronisation."""
+def compact_shift(tokens_per_expert, group_ends, block_m):
+    """Per expert, padded group start minus compact group start: padded row - shift = compact row."""
+    padded = (tokens_per_expert + block_m - 1) // block_m * block_m
+    return ((group_ends - padded) - (torch.cumsum(tokens_per_expert, 0) - tokens_per_expert)).to(torch.int32)
+
+
+def fused_moe_forward(x, topk_ids, topk_weights, w13, w2, cfg=None, save_h=False, deterministic=False):
+    """Routed-expert output [T, H] in x's dtype; no host synchronisation.
+
+    ``save_h`` (training): returns ``(out, h)`` with the pre-activation ``h = x W13^T`` [T*K, 2I] in
+    compact expert-sorted rows (the backward's layout, see train_kernels.py).  ``deterministic``:
+    one tile configuration whatever T (batch-invariant rows; every other step already is)."""
     T, H = x.shape
     K = topk_ids.shape[1]
     E, I = w13.shape[0], w13.shape[1] // 2
+    P = T * K
     if T == 0:
-        return x.new_empty(0, H)
-    cfg = cfg or get_config(x, T, E, H, I, K)
+        out = x.new_empty(0, H)
+        return (out, x.new_empty(0, 2 * I)) if save_h else out
+    cfg = cfg or (deterministic_config(x) if deterministic else get_config(x, T, E, H, I, K))
     bm = cfg["BLOCK_M"]
     ids = topk_ids.to(torch.int32).contiguous()
-    P = T * K
     R = gemm_rows(P, E, bm)
-    _, _, row_src, _, block_expert = align_pairs(ids, E, bm, R, bm)
+    tpe, ends, row_src, _, block_expert = align_pairs(ids, E, bm, R, bm)
     upcast, ieee = kernel_flags(x)
+    rowdot = deterministic and x.device.type == "cpu"     # the interpreter's tl.dot is not row-invariant
     inter = torch.empty(R, I, dtype=x.dtype, device=x.device)
-    up_proj(x, w13, inter, row_src, block_expert, K, dict(cfg["up"], BLOCK_M=bm), upcast, ieee)
+    h = torch.empty(P, 2 * I, dtype=x.dtype, device=x.device) if save_h else None
+    up_proj(x, w13, inter, row_src, block_expert, K, dict(cfg["up"], BLOCK_M=bm), upcast, ieee,
+            h=h, h_shift=compact_shift(tpe, ends, bm) if save_h else None, rowdot=rowdot)
+    out = _down_and_combine(inter, w2, row_src, block_expert, ids, topk_weights, T, E, cfg, upcast, ieee, rowdot)
+    return (out, h) if save_h else out
+
+
+def _down_and_combine(inter, w2, row_src, block_expert, ids, topk_weights, T, E, cfg, upcast, ieee, rowdot=False):
+    K, H, dt, dev = ids.shape[1], w2.shape[1], inter.dtype, inter.device
+    bm = cfg["BLOCK_M"]
     w_flat = topk_weights.to(torch.float32).contiguous().view(-1)
     down_cfg = dict(cfg["down"], BLOCK_M=bm)
     if K == 1:
-        out = torch.zeros(T, H, dtype=x.dtype, device=x.device)   # ids out of range leave zeros
-        down_proj(inter, w2, out, row_src, block_expert, w_flat, K, down_cfg, upcast, ieee, True)
+        out = torch.zeros(T, H, dtype=dt, device=dev)   # ids out of range leave zeros
+        down_proj(inter, w2, out, row_src, block_expert, w_flat, K, down_cfg, upcast, ieee, True, rowdot)
         return out
-    y_pairs = torch.empty(P, H, dtype=x.dtype, device=x.device)
-    down_proj(inter, w2, y_pairs, row_src, block_expert, w_flat, K, down_cfg, upcast, ieee, False)
-    return sum_pairs(y_pairs, ids, E, x.dtype)
-
-
-def reference_backward(grad_out, x, topk_ids, topk_weights, w13, w2):
-    """Gradients (dx, d_topk_weights, dw13, dw2) of the routed-expert output, by the reference's own
-    formulas: per expert, the GEMMs in the input dtype with SwiGLU in fp32, exactly what autograd
-    computes through the reference ops (no autograd here: this runs inside a custom op).
-    Reads the group sizes on the host (training, not the decode hot path)."""
-    T, K = topk_ids.shape
-    E, I = w13.shape[0], w13.shape[1] // 2
-    dt = x.dtype
-    flat = topk_ids.reshape(-1).long()
-    order = torch.sort(flat, stable=True).indices
-    tok = order // K
-    counts = torch.bincount(flat, minlength=E).tolist()
-    xs, go = x[tok], grad_out.float()[tok]
-    wts = topk_weights.float().reshape(-1)[order]
-    dx = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
-    dw = torch.zeros(T * K, dtype=torch.float32, device=x.device)
-    d13, d2 = torch.zeros_like(w13), torch.zeros_like(w2)
-    start = 0
-    for e, c in enumerate(counts):
-        if not c:
-            continue
-        sl = slice(start, start + c)
-        start += c
-        we13, we2 = w13[e].to(dt), w2[e].to(dt)
-        h = F.linear(xs[sl], we13)
-        g, u = h.float().chunk(2, dim=-1)
-        sg = torch.sigmoid(g)
-        a = (g * sg * u).to(dt)
-        y = F.linear(a, we2)
-        dw[order[sl]] = (go[sl] * y.float()).sum(-1)
-        dy = (go[sl] * wts[sl, None]).to(dt)
-        d2[e] = (dy.t() @ a).to(w2.dtype)
-        da = (dy @ we2).float()
-        dg = da * u * sg * (1 + g * (1 - sg))
-        du = da * g * sg
-        dh = torch.cat([dg, du], dim=-1).to(dt)
-        d13[e] = (dh.t() @ xs[sl]).to(w13.dtype)
-        dx.index_add_(0, tok[sl], (dh @ we13).float())
-    return dx.to(dt), dw.view(T, K).to(topk_weights.dtype), d13, d2
+    y_pairs = torch.empty(T * K, H, dtype=dt, device=dev)
+    down_proj(inter, w2, y_pairs, row_src, block_expert, w_flat, K, down_cfg, upcast, ieee, False, rowdot)
+    return sum_pairs(y_pairs, ids, E, dt)

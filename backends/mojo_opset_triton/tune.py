@@ -5,10 +5,11 @@
     python -m mojo_opset_triton.tune --shapes qwen3 --tokens 1 64 --json out.json
 
 For each model shape and token count it times the routed-expert forward (given routed ids) of
-(a) the ``torch._grouped_mm`` path (sort + two grouped GEMMs + scatter: the core's
-``compose_forward`` with the torch backend) and (b) the fused Triton kernels, T <= 256 replayed from
-a CUDA graph, and reports the roofline max(active expert bytes / copy bandwidth, FLOPs / bf16 matmul
-peak), both peaks measured at the start of the run.
+(a) the ``torch._grouped_mm`` path (the core's routed experts with the torch backend) and (b) the
+fused Triton kernels, T <= 256 replayed from a CUDA graph, and reports the roofline max(active
+expert bytes / copy bandwidth, FLOPs / bf16 matmul peak), both peaks measured at the start of the
+run.  The model shapes, timers and peaks are those of ``mojo-opset bench``, so a tuned point and a
+benchmarked one are measured alike.
 """
 from __future__ import annotations
 
@@ -20,100 +21,52 @@ import time
 
 import torch
 
+from mojo_opset.tools.bench_models import DEFAULT_MODELS, ModelShape, resolve
+from mojo_opset.tools.bench_timing import Timer, capture_graph, measure_peaks
+
 from .configs import CONFIG_DIR, gpu_file_name, heuristic, shape_key
 from .moe import fused_moe_forward
 
-SHAPES = {  # name: (H, I, E, K, routing options)
-    "mixtral": (4096, 14336, 8, 2, {}),
-    "qwen3": (2048, 768, 128, 8, dict(route_norm=True)),
-    "deepseek": (7168, 2048, 256, 8, dict(score_func="sigmoid", route_norm=True, route_scale=2.5,
-                                         num_expert_groups=8, num_limited_groups=4, bias=True)),
-}
 TOKENS = (1, 16, 64, 256, 2048, 8192)
 GRAPH_MAX_T = 256
+DEVICE = torch.device("cuda")
 
 
-def _time_eager(fn, reps=20):
-    fn()
-    torch.cuda.synchronize()
-    # size the repetitions to about 100 ms per measurement
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    one = time.perf_counter() - t0
-    reps = int(max(5, min(reps * 5, 0.1 / max(one, 1e-6))))
-    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        start[i].record()
-        fn()
-        end[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end))
+def make_timer(device=DEVICE) -> Timer:
+    """bench's timer (CUDA events, L2 flushed between iterations), shorter per measurement: a
+    search times dozens of tile configs per point."""
+    return Timer(device, warmup=2, min_iters=10, max_iters=100, min_time_s=0.1)
 
 
-def _time_graph(fn, reps=50):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        start[i].record()
-        g.replay()
-        end[i].record()
-    torch.cuda.synchronize()
-    del g
-    return statistics.median(s.elapsed_time(e) for s, e in zip(start, end))
+def time_ms(timer: Timer, fn, T: int) -> float:
+    """Median ms of ``fn``; T <= GRAPH_MAX_T replayed from a CUDA graph, as decode steps run."""
+    if T > GRAPH_MAX_T:
+        return timer(fn).ms
+    graph = capture_graph(fn, timer.device)
+    try:
+        return timer(graph.replay).ms
+    finally:
+        del graph
 
 
-def time_ms(fn, T):
-    return _time_graph(fn) if T <= GRAPH_MAX_T else _time_eager(fn)
+def make_case(model: ModelShape, T: int, device=DEVICE, seed: int = 0):
+    """bf16 tokens and the reference routing of random logits with the model's options."""
+    from mojo_opset.reference.gating import gating_reference
 
-
-def measure_peaks():
-    """(copy bandwidth in bytes/s counting read + write, bf16 matmul FLOP/s), measured here."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = _time_eager(lambda: b.copy_(a))
-    bw = 2 * a.numel() / (ms * 1e-3)
-    del a, b
-    n = 8192
-    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = _time_eager(lambda: x @ y)
-    return bw, 2 * n ** 3 / (ms * 1e-3)
-
-
-def make_case(name, T, seed=0):
-    from mojo_opset.ops.gating import gating_reference
-
-    H, I, E, K, opts = SHAPES[name]
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=g)
-    logits = torch.randn(T, E, device="cuda", generator=g)
-    opts = dict(opts)
-    bias = torch.randn(E, device="cuda", generator=g) * 0.01 if opts.pop("bias", False) else None
-    G = opts.pop("num_expert_groups", 1)
-    L = opts.pop("num_limited_groups", G)
-    ids, w, _ = gating_reference(logits, K, expert_bias=bias, num_expert_groups=G, num_limited_groups=L, **opts)
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(T, model.H, device=device, dtype=torch.bfloat16, generator=g)
+    logits = torch.randn(T, model.E, device=device, generator=g)
+    opts = dict(model.routing)
+    bias = torch.randn(model.E, device=device, generator=g) * 0.01 if opts.pop("expert_bias", False) else None
+    ids, w, _ = gating_reference(logits, model.K, expert_bias=bias, **opts)
     return x, ids, w
 
 
-def roofline_ms(name, ids, bw, peak):
-    H, I, E, K, _ = SHAPES[name]
+def roofline_ms(model: ModelShape, ids, bw_tbs: float, tflops: float) -> float:
+    """max(active expert weight bytes / bandwidth, FLOPs / bf16 peak), as bench computes it."""
     active = int(torch.unique(ids).numel())
-    bytes_ = active * 3 * H * I * 2
-    flops = 2 * ids.numel() * 3 * H * I
-    return max(bytes_ / bw, flops / peak) * 1e3
+    return max(model.weight_bytes(torch.bfloat16, active) / (bw_tbs * 1e12),
+               model.flops(ids.shape[0]) / (tflops * 1e12)) * 1e3
 
 
 def candidates(T, E, K, H, I):
@@ -141,9 +94,9 @@ def _cfg(bm, up, down):
     return {"BLOCK_M": bm, "up": d(up), "down": d(down)}
 
 
-def _try(fn, T):
+def _try(timer, fn, T):
     try:
-        return time_ms(fn, T)
+        return time_ms(timer, fn, T)
     except Exception as exc:  # out of shared memory / registers for this tile: skip it
         if "OutOfResources" not in type(exc).__name__ and "out of resource" not in str(exc).lower():
             print(f"    config failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
@@ -151,8 +104,8 @@ def _try(fn, T):
         return float("inf")
 
 
-def tune_point(name, T, x, ids, w, w13, w2):
-    H, I, E, K, _ = SHAPES[name]
+def tune_point(timer, model, T, x, ids, w, w13, w2):
+    H, I, E, K = model.H, model.I, model.E, model.K
     base = heuristic(T, E, H, I, K, torch.bfloat16)
     bms, small, large = candidates(T, E, K, H, I)
     best_t, best = float("inf"), base
@@ -165,14 +118,14 @@ def tune_point(name, T, x, ids, w, w13, w2):
         up_best, down_fixed = None, tup(h["down"])
         t_up = float("inf")
         for c in up_cands:
-            t = _try(lambda: fused_moe_forward(x, ids, w, w13, w2, _cfg(bm, c, down_fixed)), T)
+            t = _try(timer, lambda: fused_moe_forward(x, ids, w, w13, w2, _cfg(bm, c, down_fixed)), T)
             if t < t_up:
                 t_up, up_best = t, c
         if up_best is None:
             continue
         t_dn, dn_best = float("inf"), None
         for c in cands:
-            t = _try(lambda: fused_moe_forward(x, ids, w, w13, w2, _cfg(bm, up_best, c)), T)
+            t = _try(timer, lambda: fused_moe_forward(x, ids, w, w13, w2, _cfg(bm, up_best, c)), T)
             if t < t_dn:
                 t_dn, dn_best = t, c
         if dn_best is not None and t_dn < best_t:
@@ -180,24 +133,37 @@ def tune_point(name, T, x, ids, w, w13, w2):
     return best, best_t
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m mojo_opset_triton.tune", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=list(DEFAULT_MODELS), metavar="MODEL",
+                    help="bench's model shapes: mixtral, qwen3, deepseek or their full names (default: all three)")
+    ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS), metavar="T",
+                    help=f"token counts (default: {' '.join(map(str, TOKENS))})")
     ap.add_argument("--no-tune", action="store_true", help="time the current configs, do not search")
     ap.add_argument("--config-out", default=None, help="where to write the tuned JSON "
                     "(default: configs/<gpu>.json in the package, merged with what is there)")
     ap.add_argument("--json", default=None, help="write the timing table as JSON here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("tuning needs a CUDA GPU")
-    from mojo_opset.ops.forward import compose_forward
+    try:
+        models = resolve(args.shapes)
+    except ValueError as exc:
+        raise SystemExit(str(exc).replace("--models", "--shapes"))
+    from mojo_opset.functional.forward import routed_experts
 
     from . import configs as cfgmod
 
     dev_name = torch.cuda.get_device_name()
-    bw, peak = measure_peaks()
-    print(f"device {dev_name}; copy bandwidth {bw / 1e12:.2f} TB/s; bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
+    timer = make_timer()
+    peaks = measure_peaks(DEVICE, timer, quick=False)["measured"]
+    bw, peak = peaks["bandwidth_tbs"], peaks["bf16_tflops"]
+    print(f"device {dev_name}; copy bandwidth {bw:.2f} TB/s; bf16 matmul {peak:.0f} TFLOP/s", flush=True)
     out_path = args.config_out or os.path.join(CONFIG_DIR, gpu_file_name(dev_name))
     try:
         with open(out_path) as f:
@@ -209,31 +175,31 @@ def main(argv=None):
     table["triton"] = triton.__version__
     table.setdefault("configs", {})
     rows = []
-    for name in args.shapes:
-        H, I, E, K, _ = SHAPES[name]
+    for model in models:
+        name, H, I, E, K = model.name, model.H, model.I, model.E, model.K
         g = torch.Generator(device="cuda").manual_seed(1)
         w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
         w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
         key = shape_key(torch.bfloat16, E, H, I, K)
         for T in args.tokens:
-            x, ids, w = make_case(name, T)
-            roof = roofline_ms(name, ids, bw, peak)
-            t_ref = time_ms(lambda: compose_forward(x, ids, w, w13, w2, backend="torch"), T)
+            x, ids, w = make_case(model, T)
+            roof = roofline_ms(model, ids, bw, peak)
+            t_ref = time_ms(timer, lambda: routed_experts(x, ids, w, (w13, w2), backend="torch"), T)
             if args.no_tune:
                 cfg = None
-                t_tri = time_ms(lambda: fused_moe_forward(x, ids, w, w13, w2), T)
+                t_tri = time_ms(timer, lambda: fused_moe_forward(x, ids, w, w13, w2), T)
             else:
                 t0 = time.time()
-                cfg, t_tri = tune_point(name, T, x, ids, w, w13, w2)
+                cfg, t_tri = tune_point(timer, model, T, x, ids, w, w13, w2)
                 table["configs"].setdefault(key, {})[str(T)] = cfg
                 print(f"  tuned {name} T={T} in {time.time() - t0:.0f}s: {json.dumps(cfg)}", flush=True)
             y = fused_moe_forward(x, ids, w, w13, w2, cfg)
-            ref = compose_forward(x, ids, w, w13, w2, backend="torch")
+            ref = routed_experts(x, ids, w, (w13, w2), backend="torch")
             err = float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
             row = dict(shape=name, T=T, grouped_mm_ms=t_ref, triton_ms=t_tri, roofline_ms=roof,
                        speedup=t_ref / t_tri, roofline_frac=roof / t_tri, rel_err=err)
             rows.append(row)
-            print(f"{name:9s} T={T:5d}  grouped_mm {t_ref:8.3f} ms  triton {t_tri:8.3f} ms  roofline {roof:7.3f} ms"
+            print(f"{name:13s} T={T:5d}  grouped_mm {t_ref:8.3f} ms  triton {t_tri:8.3f} ms  roofline {roof:7.3f} ms"
                   f"  x{t_ref / t_tri:5.2f}  {roof / t_tri:5.2f} of roofline  err {err:.1e}", flush=True)
             del x, ids, w, y, ref
         if not args.no_tune:
@@ -254,7 +220,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=dev_name, torch=torch.__version__, triton=triton.__version__,
-                           copy_bandwidth=bw, bf16_peak=peak, rows=rows), f, indent=1)
+                           copy_bandwidth_tbs=bw, bf16_peak_tflops=peak, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 They target Ascend NPUs (the default for npu tensors after the ``npu`` backend) and run unchanged
 on any Triton target and under the Triton interpreter (CPU tensors, ``TRITON_INTERPRET=1``).
 Triton is imported only when the backend is probed or loaded.  See docs/backends/ttx.md.
+
+Layout (the same in every backend): ``platform`` (availability, device reasons, versions),
+``custom_ops`` (the ``mojo_ttx`` torch.library ops), one module per op (``gating``, ``permute``,
+``experts``, ``combine``: declarations, reasons, the call into its custom op) and the Triton kernels
+with their launchers in ``*_kernel``.
 """
 from __future__ import annotations
 
 from mojo_opset.backend import Backend
-
-from .platform import interpreter_on, npu_available
 
 __all__ = ["TtxBackend"]
 
@@ -22,33 +25,20 @@ class TtxBackend(Backend):
     default_priority = 20  # after the npu backend's fused operators
 
     def unavailable_reason(self) -> str | None:
-        try:
-            import triton  # noqa: F401
-        except Exception as exc:
-            return f"triton is not importable ({type(exc).__name__}: {exc})"
-        if interpreter_on():
-            return None
-        if npu_available():
-            return None
-        try:
-            import torch
+        from .platform import unavailable_reason
 
-            if torch.cuda.is_available():
-                return None
-        except Exception:
-            pass
-        return ("no Ascend NPU or CUDA GPU, and the Triton interpreter is off (set TRITON_INTERPRET=1 "
-                "before triton is imported to run the kernels on CPU tensors)")
+        return unavailable_reason()
 
     def load(self):
-        from .impls import make_impls
+        from . import custom_ops  # noqa: F401  (registers the mojo_ttx ops the impls call)
+        from .combine import Combine
+        from .experts import Experts
+        from .gating import Gating
+        from .permute import Permute
 
-        return make_impls()
+        return {impl.op: impl for impl in (Gating(), Permute(), Experts(), Combine())}
 
     def versions(self) -> dict[str, str]:
-        try:
-            import triton
+        from .platform import versions
 
-            return {"triton": triton.__version__}
-        except Exception:
-            return {}
+        return versions()

@@ -3,7 +3,7 @@
 Written under triton-ascend's rules: a persistent 1-D grid over tiles of whole rows; no
 ``tl.sort``/``tl.topk`` (top-k is K rounds of argmax, lowest expert id on ties); outputs are
 assembled in registers and stored as contiguous ``[rows, K]`` tiles.  The selection matches
-``mojo_opset.ops.gating.gating_reference`` exactly: NaN choices rank below every number, a row of
+``mojo_opset.reference.gating.gating_reference`` exactly: NaN choices rank below every number, a row of
 NaN picks experts 0..K-1, and ids are clamped into ``[0, E)`` so none is ever out of range.
 """
 from __future__ import annotations
@@ -56,7 +56,10 @@ def _gating_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, scores_ptr,
         if HAS_BIAS:
             b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
             choice = choice + b[None, :]
-        choice = tl.where(choice != choice, float("-inf"), choice)  # NaN ranks below every number
+        # NaN ranks below every number, -inf included: rank on the value with NaN as -inf, but
+        # only among the non-NaN candidates while a row has any (SPEC 3.1 step 5)
+        is_num = choice == choice
+        choice = tl.where(is_num, choice, float("-inf"))
         avail = col_ok[None, :] & (rows >= 0)[:, None]
 
         if LIMIT_GROUPS:
@@ -70,6 +73,7 @@ def _gating_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, scores_ptr,
                 if TOP2:  # sum of the two best; drop one occurrence (the lowest id) of the best
                     first = tl.min(tl.where(ing & (v == top1[:, None]), cols[None, :], BLOCK_E), axis=1)
                     top1 = top1 + tl.max(tl.where(cols[None, :] == first[:, None], float("-inf"), v), axis=1)
+                top1 = tl.where(top1 == top1, top1, float("-inf"))  # inf + -inf: a NaN group ranks last
                 gscore = tl.where(gcols[None, :] == g, top1[:, None], gscore)
             gvalid = (gcols < G)[None, :]
             for g in range(G):
@@ -82,8 +86,10 @@ def _gating_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, scores_ptr,
         ids = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
         wts = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
         for k in range(K):
-            best = tl.max(tl.where(avail, choice, float("-inf")), axis=1)
-            cand = avail & (choice == best[:, None])
+            num_left = tl.max(tl.where(avail & is_num, 1, 0), axis=1) > 0
+            pool = avail & (is_num | ~num_left[:, None])
+            best = tl.max(tl.where(pool, choice, float("-inf")), axis=1)
+            cand = pool & (choice == best[:, None])
             pick = tl.min(tl.where(cand, cols[None, :], BLOCK_E), axis=1)
             pick = tl.minimum(pick, E - 1)
             hit = cols[None, :] == pick[:, None]

@@ -111,7 +111,7 @@ def _scatter(x_ptr, ids_ptr, base_ptr, out_ptr, row_src_ptr, pair_row_ptr, P, E,
 
 
 def permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: int):
-    """``(permuted_x, tokens_per_expert, group_ends, row_src, pair_row)``; see mojo_opset.ops.names."""
+    """``(permuted_x, tokens_per_expert, group_ends, row_src, pair_row)``; see mojo_opset.contract.names."""
     x = x.contiguous()
     ids = topk_ids.to(torch.int32).contiguous().view(-1)
     T, H = x.shape

@@ -74,7 +74,7 @@ def agree(group, ep_mode, validate, x):
         error = exc
         fp[1] = 1
     else:
-        fp[2:_GRAD] = torch.tensor([world, gate_weight.shape[0], opts["top_k"], x2.shape[1],
+        fp[2:_GRAD] = torch.tensor([world, gate_weight.shape[0], opts.top_k, x2.shape[1],
                                     _MODES[ep_mode], _DTYPES[x2.dtype], _device_code(x2.device),
                                     int(torch.is_grad_enabled())])
         fp[_GRAD] = int(_requires_grad(grad_tensors))
@@ -96,7 +96,7 @@ def agree(group, ep_mode, validate, x):
             raise ValueError(f"expert parallelism: the ranks of ep_group disagree on {name}: "
                              + ", ".join(f"rank {r} has {_describe(i, v)}" for r, v in enumerate(values)))
     call = EPCall(group=group, mode=ep_mode, rank=rank, world=world, num_experts=gate_weight.shape[0],
-                  top_k=opts["top_k"], tokens=tuple(row[_TOKENS] for row in table),
+                  top_k=opts.top_k, tokens=tuple(row[_TOKENS] for row in table),
                   needs_grad=any(row[_GRAD] for row in table))
     return x2, opts, call
 

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 
 import torch
 
-from ..modules import GroupedExperts, MoE, Router, SharedExperts
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
 # model_type values that share a family's MoE block
@@ -74,8 +73,11 @@ def _check_act(c: _Cfg) -> None:
         raise ValueError(f"the {c.family} config's hidden_act is {act!r}; the experts support only SwiGLU (silu)")
 
 
-def moe_config_from_hf(config, layer_idx: int | None = None, family: str | None = None) -> MoE.Config:
-    """The :class:`MoE.Config` (with ``hidden_size`` set) of one MoE block of a Hugging Face config."""
+def moe_block_spec(config, layer_idx: int | None = None, family: str | None = None) -> dict:
+    """The configuration of one MoE block of a Hugging Face config, as plain keyword arguments:
+    ``{"num_experts", "hidden_size", "router": Router.Config kwargs, "experts": GroupedExperts.Config
+    kwargs, "shared_experts": SharedExperts.Config kwargs or None}`` (``MoE.config_from_hf`` builds
+    the :class:`MoE.Config`; this module knows the families, not the module classes)."""
     fam = family_of(config, family)
     if layer_idx is not None and not is_moe_layer(config, layer_idx, fam):
         raise ValueError(f"layer {layer_idx} of this {fam} config is a dense MLP layer, not an MoE block")
@@ -86,20 +88,20 @@ def moe_config_from_hf(config, layer_idx: int | None = None, family: str | None 
     shared = None
     if fam == "mixtral":
         E, I = c.pos_int("num_local_experts"), c.pos_int("intermediate_size")
-        router = Router.Config(top_k=K, score_func="softmax", route_norm=True, router_dtype=None, init_std=std)
+        router = dict(top_k=K, score_func="softmax", route_norm=True, router_dtype=None, init_std=std)
     elif fam in ("qwen2_moe", "qwen3_moe"):
         E, I = c.pos_int("num_experts"), c.pos_int("moe_intermediate_size")
-        router = Router.Config(top_k=K, score_func="softmax", route_norm=bool(c.get("norm_topk_prob", False)),
+        router = dict(top_k=K, score_func="softmax", route_norm=bool(c.get("norm_topk_prob", False)),
                                router_dtype=None, init_std=std)
         if fam == "qwen2_moe":
             I_s = c.get("shared_expert_intermediate_size", 0)
             if I_s:
-                shared = SharedExperts.Config(intermediate_size=int(I_s), gate=True, init_std=std)
+                shared = dict(intermediate_size=int(I_s), gate=True, init_std=std)
     else:
         E, I = c.pos_int("n_routed_experts"), c.pos_int("moe_intermediate_size")
         n_shared = c.get("n_shared_experts", 2 if fam == "deepseek_v2" else 1)   # the config classes' defaults
         if n_shared:
-            shared = SharedExperts.Config(intermediate_size=int(n_shared) * I, init_std=std)
+            shared = dict(intermediate_size=int(n_shared) * I, init_std=std)
         scale = float(c.get("routed_scaling_factor", 1.0 if fam == "deepseek_v2" else 2.5))
         norm = bool(c.get("norm_topk_prob", fam == "deepseek_v3"))
         if fam == "deepseek_v2":
@@ -114,7 +116,7 @@ def moe_config_from_hf(config, layer_idx: int | None = None, family: str | None 
                 raise ValueError(f"deepseek_v2 topk_method must be 'greedy' or 'group_limited_greedy', got {method!r}")
             # DeepSeek-V2's gate either renormalises or scales, never both
             renorm = norm and K > 1
-            router = Router.Config(top_k=K, score_func="softmax", route_norm=renorm,
+            router = dict(top_k=K, score_func="softmax", route_norm=renorm,
                                    route_scale=1.0 if renorm else scale, num_expert_groups=G,
                                    num_limited_groups=L, group_score="max", router_dtype=torch.float32, init_std=std)
         else:
@@ -124,21 +126,8 @@ def moe_config_from_hf(config, layer_idx: int | None = None, family: str | None 
             if method != "noaux_tc":
                 raise ValueError(f"deepseek_v3 topk_method must be 'noaux_tc', got {method!r}")
             G, L = c.pos_int("n_group", 8), c.pos_int("topk_group", 4)
-            router = Router.Config(top_k=K, score_func="sigmoid", route_norm=norm, route_scale=scale,
+            router = dict(top_k=K, score_func="sigmoid", route_norm=norm, route_scale=scale,
                                    num_expert_groups=G, num_limited_groups=L, group_score="top2_sum",
                                    router_dtype=torch.float32, expert_bias=True, init_std=std)
-    return MoE.Config(num_experts=E, hidden_size=H, router=router,
-                      experts=GroupedExperts.Config(intermediate_size=I, init_std=std), shared_experts=shared)
-
-
-def build_moe(config, layer_idx: int | None = None, *, family: str | None = None, dtype: torch.dtype | None = None,
-              device=None, ep_group=None, **overrides) -> MoE:
-    """Build the MoE block of layer ``layer_idx`` (None: any MoE layer) of a Hugging Face Mixtral,
-    Qwen2-MoE, Qwen3-MoE, DeepSeek-V2 or DeepSeek-V3 config (a config object or its dict).
-    ``overrides`` replace top-level :class:`MoE.Config` fields (e.g. ``backend=``, ``aux_loss=``)."""
-    import dataclasses
-
-    cfg = moe_config_from_hf(config, layer_idx, family)
-    if overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
-    return cfg.build(dtype=dtype, device=device, ep_group=ep_group)
+    return dict(num_experts=E, hidden_size=H, router=router, experts=dict(intermediate_size=I, init_std=std),
+                shared_experts=shared)

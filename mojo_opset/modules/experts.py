@@ -6,8 +6,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops.experts import ACTIVATIONS
-from ..ops.forward import routed_experts, shared_experts, validate_experts, validate_shared
+from ..reference.swiglu import ACTIVATIONS
+from ..functional.checks import validate_experts, validate_shared, validate_topk_ids
+from ..functional.forward import routed_experts
+from ..reference.shared import shared_experts
+from ..validation import FLOAT_DTYPES, check_tensor
 from ._init import as_generator, filled, normal_, require
 
 
@@ -56,14 +59,14 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *,
                 backend: str | None = None) -> torch.Tensor:
         """Routed-expert output ``[T, H]`` for tokens ``x [T, H]`` already routed (no shared experts)."""
-        if x.dim() != 2:
-            raise ValueError(f"x must have shape [T, H], got {list(x.shape)}")
+        check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
         validate_experts(x, self.gate_up_proj, self.down_proj, self.config.num_experts, self.config.activation,
                          "gate_up_proj", "down_proj")
-        if tuple(topk_ids.shape) != tuple(topk_weights.shape) or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
-            raise ValueError(f"topk_ids and topk_weights must both have shape [T, K] with T = {x.shape[0]}, got "
-                             f"{list(topk_ids.shape)} and {list(topk_weights.shape)}")
-        return routed_experts(x, topk_ids.to(torch.int32), topk_weights.float(), self.gate_up_proj, self.down_proj,
+        # ids as the functional ops take them: a float id would be truncated, one outside [0, E) dropped
+        # or read out of bounds by a kernel
+        validate_topk_ids(topk_ids, x.shape[0], self.config.num_experts, x.device)
+        check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, device=x.device, shape=tuple(topk_ids.shape))
+        return routed_experts(x, topk_ids.to(torch.int32), topk_weights.float(), (self.gate_up_proj, self.down_proj),
                               self.config.activation, backend)
 
     def extra_repr(self) -> str:

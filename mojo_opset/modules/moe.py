@@ -1,14 +1,14 @@
 """The MoE layer: router + grouped experts (+ shared experts), one call of ``mo.moe_forward``."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .. import losses as _losses
-from ..ops.forward import EP_MODES, moe_forward
-from ..ops.router_gemm import router_logits
+from ..functional.forward import EP_MODES, moe_forward
 from ..replay import in_backward
 from ._init import as_generator, filled, require
 from .experts import GroupedExperts, SharedExperts
@@ -120,16 +120,29 @@ class MoE(nn.Module):
         self.expert_load.zero_()
 
     @classmethod
-    def from_hf_config(cls, config, layer_idx: int | None = None, **build_kwargs) -> "MoE":
-        """Build the MoE block of a Hugging Face Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V2 / V3
-        config (object or dict); see :func:`mojo_opset.hf.build_moe`."""
-        from ..hf import build_moe
+    def config_from_hf(cls, config, layer_idx: int | None = None, family: str | None = None) -> "MoE.Config":
+        """The :class:`MoE.Config` (with ``hidden_size`` set) of one MoE block of a Hugging Face Mixtral /
+        Qwen2-MoE / Qwen3-MoE / DeepSeek-V2 / V3 config (object or dict)."""
+        from ..hf.families import moe_block_spec
 
-        return build_moe(config, layer_idx, **build_kwargs)
+        s = moe_block_spec(config, layer_idx, family)
+        shared = SharedExperts.Config(**s["shared_experts"]) if s["shared_experts"] else None
+        return cls.Config(num_experts=s["num_experts"], hidden_size=s["hidden_size"], router=Router.Config(**s["router"]),
+                          experts=GroupedExperts.Config(**s["experts"]), shared_experts=shared)
+
+    @classmethod
+    def from_hf_config(cls, config, layer_idx: int | None = None, *, family: str | None = None, dtype=None,
+                       device=None, ep_group=None, **overrides) -> "MoE":
+        """Build the MoE block of layer ``layer_idx`` (None: any MoE layer) of a Hugging Face config;
+        ``overrides`` replace top-level :class:`MoE.Config` fields (e.g. ``backend=``, ``aux_loss=``)."""
+        cfg = cls.config_from_hf(config, layer_idx, family)
+        if overrides:
+            cfg = dataclasses.replace(cfg, **overrides)
+        return cfg.build(dtype=dtype, device=device, ep_group=ep_group)
 
     def load_hf_state_dict(self, state_dict, prefix: str = "", strict: bool = True) -> None:
         """Load this block's tensors from a Hugging Face checkpoint; see :func:`mojo_opset.hf.load_hf_state_dict`."""
-        from ..hf import load_hf_state_dict
+        from ..hf.checkpoint import load_hf_state_dict
 
         load_hf_state_dict(self, state_dict, prefix, strict=strict)
 
@@ -155,7 +168,7 @@ class MoE(nn.Module):
                       shared_w13=shared[0], shared_w2=shared[1], shared_gate=shared[2], ep_group=self.ep_group,
                       ep_mode=cfg.ep_mode, return_router_info=True, backend=cfg.backend)
         if self.quantized is not None:
-            from ..quant import quant_moe_forward
+            from ..functional.quant_forward import quant_moe_forward
 
             y, info = quant_moe_forward(x, self.gate.weight, self.quantized, self.top_k,
                                         activation=self.experts.config.activation, **common)
@@ -164,10 +177,14 @@ class MoE(nn.Module):
                                   self.top_k, activation=self.experts.config.activation, **common)
         self.last_topk_ids = info["topk_ids"]
         self.last_tokens_per_expert = info["tokens_per_expert"]
-        if self.training and not in_backward():
-            with torch.no_grad():
-                self.expert_load.add_(info["tokens_per_expert"])
-            self.last_aux_losses = self._aux_losses(x, info) if torch.is_grad_enabled() else {}
+        if self.training:
+            # a forward recomputed by checkpointing computes the losses again (non-reentrant
+            # checkpointing needs every tensor the original forward saved) but leaves the state alone
+            losses = self._aux_losses(x, info) if torch.is_grad_enabled() else {}
+            if not in_backward():
+                with torch.no_grad():
+                    self.expert_load.add_(info["tokens_per_expert"])
+                self.last_aux_losses = losses
         return (y, info) if return_router_info else y
 
     def _aux_losses(self, x, info) -> dict:
@@ -182,10 +199,8 @@ class MoE(nn.Module):
                 loss = _losses.global_load_balancing_loss(scores, ids, self.balance_group)
             out["load_balancing"] = cfg.aux_loss_coeff * loss
         if cfg.z_loss_coeff > 0:
-            # z-loss needs the logits, which moe_forward does not return: one extra [T, E] router GEMM
-            g = self.gate
-            logits = router_logits(x.reshape(-1, x.shape[-1]), g.weight, g.bias, g.config.router_dtype)
-            out["z"] = cfg.z_loss_coeff * _losses.router_z_loss(logits)
+            # the router info carries the logits: no second router GEMM
+            out["z"] = cfg.z_loss_coeff * _losses.router_z_loss(info["logits"])
         return out
 
     @torch.no_grad()

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops.gating import GROUP_SCORES, SCORE_FUNCS, moe_gating
+from ..functional.gating import moe_gating
+from ..reference.gating import GROUP_SCORES, SCORE_FUNCS
 from ..validation import FLOAT_DTYPES
 from ._init import as_generator, filled, normal_, require
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..reference.invariant import last_dim_sum
 from .schemes import FP8_BLOCK
 
 _EXACT_F32 = 1 << 24
@@ -48,19 +49,24 @@ def linear_w8a8(xq, sx, wq, sw):
     return acc.float() * sx.unsqueeze(-1) * sw
 
 
-def linear_w4a8(xq, sx, wq, sw, group):
+def _group_sum(t: torch.Tensor, deterministic: bool) -> torch.Tensor:
+    # a torch reduction's order follows the number of rows: the deterministic mode adds in group order
+    return last_dim_sum(t) if deterministic else t.sum(-1)
+
+
+def linear_w4a8(xq, sx, wq, sw, group, deterministic=False):
     """int8 tokens x int4 groups: ``y = s_x * sum_g s_w[n, g] * acc_g``, fp32 ``[M, N]``.
 
     wq: unpacked int4 codes ``[N, K]``; sw ``[N, K/group]``."""
     acc = int_group_sums(xq, wq, group, 127 * 8)
-    return (acc.float() * sw).sum(-1) * sx.unsqueeze(-1)
+    return _group_sum(acc.float() * sw, deterministic) * sx.unsqueeze(-1)
 
 
 def _fp8_acc_dtype(device: torch.device) -> torch.dtype:
     return torch.float64 if device.type in ("cpu", "cuda") else torch.float32
 
 
-def linear_fp8_block(xq, sx, wq, sw):
+def linear_fp8_block(xq, sx, wq, sw, deterministic=False):
     """fp8 tokens (per 128 columns) x fp8 128x128 blocks, fp32 ``[M, N]``:
     ``y[m, n] = sum_kb s_x[m, kb] * s_w[n // 128, kb] * sum_{k in kb} q_x[m, k] q_w[n, k]``.
 
@@ -76,5 +82,5 @@ def linear_fp8_block(xq, sx, wq, sw):
     for m0 in starts:
         xf = xq[m0:m0 + step].to(dt).reshape(-1, KB, FP8_BLOCK).transpose(0, 1)       # [KB, m, 128]
         acc = torch.bmm(xf, wf.transpose(1, 2)).permute(1, 2, 0)                       # [m, N, KB]
-        y[m0:m0 + step] = (acc * sx[m0:m0 + step].to(dt).unsqueeze(1) * sw_rows).sum(-1).float()
+        y[m0:m0 + step] = _group_sum(acc * sx[m0:m0 + step].to(dt).unsqueeze(1) * sw_rows, deterministic).float()
     return y

@@ -32,7 +32,14 @@ class QuantizedExperts:
     int4 (``*_int4``), float8_e4m3fn ``[E, N, K]`` (``w8a8_fp8_block``); ``w13_scale`` / ``w2_scale``:
     float32 multipliers -- ``[E, N]``, ``[E, N, K/group_size]``, ``[E, ceil(N/128), ceil(K/128)]``.
     ``group_size``: the int4 group (default 128), 128 for fp8, None for int8.  The constructor validates
-    everything; see :meth:`from_tensors` to load a checkpoint's tensors and docs/quantization.md."""
+    everything; see :meth:`from_tensors` to load a checkpoint's tensors and docs/quantization.md.
+
+    ``w13_smooth`` ``[E, H]`` / ``w2_smooth`` ``[E, I]`` (optional, float32): per-expert activation
+    smoothing multipliers -- each row routed to expert e is multiplied by ``w13_smooth[e]`` (in fp32)
+    before w13's activation quantization (a16 schemes: before the GEMM, the product rounded to x's
+    dtype), likewise the SwiGLU output by ``w2_smooth[e]`` before w2's (SmoothQuant checkpoints that
+    store the inverse smoothing factor, e.g. the original mojo_opset's ``inv_smooth_scale``).  A kernel
+    that does not implement them declines the call (the ``activation_smoothing`` option)."""
 
     scheme: str
     w13_q: torch.Tensor
@@ -40,6 +47,8 @@ class QuantizedExperts:
     w2_q: torch.Tensor
     w2_scale: torch.Tensor
     group_size: int | None = None
+    w13_smooth: torch.Tensor | None = None
+    w2_smooth: torch.Tensor | None = None
 
     def __post_init__(self):
         info = get_scheme(self.scheme)
@@ -78,15 +87,32 @@ class QuantizedExperts:
                     hint = f" (a scale shape {list(got)} means group_size={k // got[-1]})"
                 fail(f"{name} must have shape {list(want)} for {self.scheme} with group_size={g}, "
                      f"got {list(got)}{hint}")
+        for name, k in (("w13_smooth", H), ("w2_smooth", inter)):
+            t = getattr(self, name)
+            if t is not None:
+                check_tensor(name, t, dtypes=(torch.float32,), shape=(E, k))
+                if t.device != dev:
+                    fail(f"{name} is on {t.device} but w13_q is on {dev}: "
+                         "all tensors of a QuantizedExperts must be on one device")
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_tensors(cls, scheme: str, w13_q, w13_scale, w2_q, w2_scale, group_size=None) -> "QuantizedExperts":
+    def from_tensors(cls, scheme: str, w13_q, w13_scale, w2_q, w2_scale, group_size=None, *, w13_smooth=None,
+                     w2_smooth=None) -> "QuantizedExperts":
         """Wrap a checkpoint's quantized tensors (see docs/quantization.md for conversions).
 
         Scales of any float dtype are converted to float32 (lossless from bf16/fp16) and must be
-        finite and non-negative; tensors are made contiguous."""
+        finite and non-negative; smoothing multipliers likewise, and finite and positive; tensors are
+        made contiguous."""
+        smooth = {}
+        for name, t in (("w13_smooth", w13_smooth), ("w2_smooth", w2_smooth)):
+            if t is not None:
+                check_tensor(name, t, dtypes=FLOAT_DTYPES)
+                t = t.float().contiguous()
+                if t.numel() and not bool((torch.isfinite(t) & (t > 0)).all()):
+                    fail(f"{name} must hold finite, positive smoothing multipliers")
+            smooth[name] = t
         scales = {}
         for name, s in (("w13_scale", w13_scale), ("w2_scale", w2_scale)):
             check_tensor(name, s, dtypes=FLOAT_DTYPES)
@@ -97,7 +123,7 @@ class QuantizedExperts:
         for name, t in (("w13_q", w13_q), ("w2_q", w2_q)):
             check_tensor(name, t)
         return cls(scheme, w13_q.contiguous(), scales["w13_scale"], w2_q.contiguous(), scales["w2_scale"],
-                   group_size)
+                   group_size, **smooth)
 
     # ------------------------------------------------------------------ properties
 
@@ -131,42 +157,69 @@ class QuantizedExperts:
     def device(self) -> torch.device:
         return self.w13_q.device
 
+    def signature(self) -> tuple:
+        """What a kernel's decision depends on (the dispatcher caches by it): scheme, sizes, dtypes,
+        device and the options in use."""
+        return (self.scheme, self.group_size, self.w13_shape, self.device.type, self.w13_q.dtype,
+                self.w13_scale.dtype, tuple(sorted(self.options())))
+
+    def options(self) -> dict:
+        """Features of these weights beyond the scheme, as ``{name: value}`` options of the
+        quantized-experts call; a kernel that does not declare one declines the call."""
+        return {"activation_smoothing": True} if self.has_smoothing else {}
+
+    @property
+    def has_smoothing(self) -> bool:
+        return self.w13_smooth is not None or self.w2_smooth is not None
+
     def nbytes(self) -> int:
-        """Bytes held by codes and scales."""
-        return sum(t.numel() * t.element_size() for t in (self.w13_q, self.w13_scale, self.w2_q, self.w2_scale))
+        """Bytes held by codes, scales and smoothing multipliers."""
+        return sum(t.numel() * t.element_size() for t in (self.w13_q, self.w13_scale, self.w2_q, self.w2_scale,
+                                                           self.w13_smooth, self.w2_smooth) if t is not None)
 
     # ------------------------------------------------------------------ conversions
 
     def dequantize(self, dtype: torch.dtype = torch.float32):
-        """``(w13 [E, 2I, H], w2 [E, H, I])`` = code x scale in float32, then cast to ``dtype``."""
+        """``(w13 [E, 2I, H], w2 [E, H, I])`` = code x scale in float32 (times the smoothing multiplier
+        of each input column, if any: the float weights these stand for), then cast to ``dtype``."""
         if dtype not in FLOAT_DTYPES:
             fail(f"dtype must be one of float32, float16, bfloat16, got {dtype}", TypeError)
         fmt = self.info.weight
-        return (dequantize_weight(fmt, self.w13_q, self.w13_scale, self.group_size).to(dtype),
-                dequantize_weight(fmt, self.w2_q, self.w2_scale, self.group_size).to(dtype))
+        out = []
+        for q, s, sm in ((self.w13_q, self.w13_scale, self.w13_smooth), (self.w2_q, self.w2_scale, self.w2_smooth)):
+            w = dequantize_weight(fmt, q, s, self.group_size)
+            out.append((w if sm is None else w * sm.unsqueeze(1)).to(dtype))
+        return tuple(out)
 
     def expert_weights(self, e: int):
         """Codes and scales of expert ``e``: ``(w13_q, w13_scale, w2_q, w2_scale)``."""
         return self.w13_q[e], self.w13_scale[e], self.w2_q[e], self.w2_scale[e]
 
+    def expert_smoothing(self, e: int):
+        """Smoothing multipliers of expert ``e``: ``(w13_smooth [H] or None, w2_smooth [I] or None)``."""
+        return tuple(None if t is None else t[e] for t in (self.w13_smooth, self.w2_smooth))
+
     def to(self, device, non_blocking: bool = False) -> "QuantizedExperts":
         """A copy on ``device`` (codes and scales keep their dtypes)."""
-        mv = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return QuantizedExperts(self.scheme, mv(self.w13_q), mv(self.w13_scale), mv(self.w2_q),
-                                mv(self.w2_scale), self.group_size)
+                                mv(self.w2_scale), self.group_size, mv(self.w13_smooth), mv(self.w2_smooth))
 
     def slice_experts(self, start: int, stop: int) -> "QuantizedExperts":
         """Experts ``[start, stop)`` (views), e.g. a rank's slice for expert parallelism."""
         E = self.num_experts
         if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= E):
             fail(f"slice_experts needs 0 <= start <= stop <= {E}, got ({start!r}, {stop!r})")
+        sl = lambda t: None if t is None else t[start:stop]  # noqa: E731
         return QuantizedExperts(self.scheme, self.w13_q[start:stop], self.w13_scale[start:stop],
-                                self.w2_q[start:stop], self.w2_scale[start:stop], self.group_size)
+                                self.w2_q[start:stop], self.w2_scale[start:stop], self.group_size,
+                                sl(self.w13_smooth), sl(self.w2_smooth))
 
     def __repr__(self) -> str:
         E, N, H = self.w13_shape
         return (f"QuantizedExperts(scheme={self.scheme!r}, E={E}, I={N // 2}, H={H}, "
                 f"group_size={self.group_size}, device={self.device}, "
+                + ("activation_smoothing=True, " if self.has_smoothing else "") +
                 f"codes={_dt(self.w13_q.dtype)}, bytes={self.nbytes()})")
 
 
@@ -178,6 +231,10 @@ def quantize_experts(w13: torch.Tensor, w2: torch.Tensor, scheme: str, group_siz
     check_tensor("w2", w2, ndim=3, dtypes=FLOAT_DTYPES, device=None)
     if w2.device != w13.device:
         fail(f"w2 is on {w2.device} but w13 is on {w13.device}: both must be on one device")
+    if w13.device.type == "meta":
+        # quantization reads the values (ranges, scales): a meta tensor has none
+        fail("w13 and w2 are on the meta device: quantize_experts needs their values; materialise the "
+             "weights first (e.g. module.to_empty(device=...) and load a checkpoint)")
     E, N, H = w13.shape
     if N % 2:
         fail(f"w13 must have shape [E, 2I, H] (an even number of rows), got {list(w13.shape)}")

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..ops.combine import combine_reference
-from ..ops.experts import swiglu
-from ..ops.permute import permute_reference
+from ..reference import invariant
+from ..reference.combine import combine_reference
+from ..reference.permute import permute_reference
+from ..reference.swiglu import swiglu
 from .activations import quantize_tokens_fp8, quantize_tokens_int8
 from .int4 import unpack_int4
 from .matmul import linear_fp8_block, linear_w4a8, linear_w8a8
@@ -23,27 +24,56 @@ from .weights import dequantize_weight
 
 
 def quant_linear(x: torch.Tensor, fmt: str, act: str | None, q: torch.Tensor, s: torch.Tensor,
-                 group: int | None) -> torch.Tensor:
-    """``x [M, K] @ W.T`` for one quantized matrix ``W [N, K]`` (codes q, scales s); result in x's dtype."""
+                 group: int | None, deterministic: bool = False) -> torch.Tensor:
+    """``x [M, K] @ W.T`` for one quantized matrix ``W [N, K]`` (codes q, scales s); result in x's dtype.
+    ``deterministic``: each row's bits independent of the other rows (the integer products are exact
+    in any order; the float sums over groups and the a16 GEMM are made so)."""
     if act is None:
-        return F.linear(x, dequantize_weight(fmt, q, s, group).to(x.dtype))
+        linear = invariant.linear if deterministic else F.linear
+        return linear(x, dequantize_weight(fmt, q, s, group).to(x.dtype))
     if act == "fp8":
         xq, sx = quantize_tokens_fp8(x)
-        return linear_fp8_block(xq, sx, q, s).to(x.dtype)
+        return linear_fp8_block(xq, sx, q, s, deterministic).to(x.dtype)
     xq, sx = quantize_tokens_int8(x)
     if fmt == "int8":
         return linear_w8a8(xq, sx, q, s).to(x.dtype)
-    return linear_w4a8(xq, sx, unpack_int4(q), s, group).to(x.dtype)
+    return linear_w4a8(xq, sx, unpack_int4(q), s, group, deterministic).to(x.dtype)
 
 
-def quant_expert_mlp(xs: torch.Tensor, qexperts, e: int) -> torch.Tensor:
-    """SwiGLU MLP of expert ``e`` on rows ``xs [M, H]``; returns ``[M, H]`` in xs's dtype."""
+def quant_expert_mlp(xs: torch.Tensor, qexperts, e: int, deterministic: bool = False) -> torch.Tensor:
+    """SwiGLU MLP of expert ``e`` on rows ``xs [M, H]``; returns ``[M, H]`` in xs's dtype.
+
+    With activation smoothing, each projection's input is first multiplied by the expert's
+    multipliers: in fp32 for the a8 schemes (their activation quantizer reads fp32), rounded to xs's
+    dtype for the a16 schemes (their GEMM runs in that dtype)."""
     info = qexperts.info
     q13, s13, q2, s2 = qexperts.expert_weights(e)
-    g = qexperts.group_size
-    h = quant_linear(xs, info.weight, info.activation, q13, s13, g)
-    a = swiglu(h, xs.dtype)
-    return quant_linear(a, info.weight, info.activation, q2, s2, g)
+    m13, m2 = qexperts.expert_smoothing(e)
+    g, dt = qexperts.group_size, xs.dtype
+
+    def project(v, q, s, m):
+        if m is not None:
+            v = v.float() * m
+            if info.activation is None:
+                v = v.to(dt)
+        return quant_linear(v, info.weight, info.activation, q, s, g, deterministic).to(dt)
+
+    a = swiglu(project(xs, q13, s13, m13), dt)
+    return project(a, q2, s2, m2)
+
+
+def quant_experts_rows(permuted_x, group_ends, qexperts, activation="swiglu", deterministic=False):
+    """The ``moe_quant_experts`` reference: expert-sorted rows through their quantized experts;
+    ``[R, H]`` in permuted_x's dtype, rows past ``group_ends[-1]`` zero; ``deterministic``: batch-invariant."""
+    y = torch.zeros_like(permuted_x)
+    if y.device.type == "meta":             # shapes only (no values to loop over)
+        return y
+    start = 0
+    for e, end in enumerate(group_ends.tolist()):   # the reference reads group sizes on the host
+        if end > start:
+            y[start:end] = quant_expert_mlp(permuted_x[start:end], qexperts, e, deterministic)
+        start = end
+    return y
 
 
 def quant_experts_reference(x, topk_ids, topk_weights, qexperts, activation="swiglu"):
@@ -52,10 +82,4 @@ def quant_experts_reference(x, topk_ids, topk_weights, qexperts, activation="swi
     topk_ids index qexperts' experts (a rank's local ids under expert parallelism)."""
     T, E = x.shape[0], qexperts.num_experts
     px, _counts, ends, _row_src, pair_row = permute_reference(x, topk_ids, E, align=1)
-    y = torch.zeros_like(px)
-    start = 0
-    for e, end in enumerate(ends.tolist()):   # the reference reads group sizes on the host
-        if end > start:
-            y[start:end] = quant_expert_mlp(px[start:end], qexperts, e)
-        start = end
-    return combine_reference(y, pair_row, topk_weights, T)
+    return combine_reference(quant_experts_rows(px, ends, qexperts, activation), pair_row, topk_weights, T)

@@ -1,4 +1,7 @@
-"""Model shapes of ``mojo-opset bench`` and their weights, generated on the device.
+"""The benchmark model shapes and token counts, and their weights generated on the device.
+
+The one table of model shapes: ``mojo-opset bench`` times them, ``mojo-opset compare`` adds their
+model-sized cases on a GPU, and the Triton tile tuner (``mojo_opset_triton.tune``) tunes them.
 
 Weights are filled in place in the target dtype (no fp32 staging copy), so DeepSeek-V3's 256
 experts (about 22 GB in bf16) fit next to the activations on an 80 GB GPU; ``--experts-cap`` (or a
@@ -10,6 +13,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from mojo_opset.suggest import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ MODELS = {
 }
 ALIASES = {"mixtral": "mixtral-8x7b", "qwen3": "qwen3-30b-a3b", "qwen": "qwen3-30b-a3b", "deepseek": "deepseek-v3"}
 DEFAULT_MODELS = ("mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3")
+DEFAULT_TOKENS = (1, 16, 64, 256, 2048, 8192)   # decode to prefill
+QUICK_TOKENS = (1, 16, 64)
 QUICK_MODELS = ("tiny", "tiny-grouped")
 
 
@@ -73,7 +80,9 @@ def resolve(names: list[str]) -> list[ModelShape]:
     for n in names:
         key = ALIASES.get(n.lower(), n.lower())
         if key not in MODELS:
-            raise ValueError(f"--models: unknown model {n!r}; expected some of {', '.join(list(MODELS) + list(ALIASES))}")
+            valid = list(MODELS) + list(ALIASES)
+            raise ValueError(f"--models: unknown model {n!r}{did_you_mean(n, valid)}; expected one of: "
+                             f"{', '.join(valid)}")
         out.append(MODELS[key])
     return out
 

@@ -1,6 +1,8 @@
 """``mojo-opset bench --plot``: time and fraction of the roofline per model (matplotlib, optional)."""
 from __future__ import annotations
 
+from .bench_report import best_record, measured_points
+
 
 def plot(data: dict, path: str) -> None:
     import matplotlib
@@ -8,10 +10,8 @@ def plot(data: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .bench import _best, _points
-
     results, backend = data["results"], data["backend"]
-    models = _points(results)
+    models = measured_points(results)
     if not models:
         raise ValueError("nothing to plot: no forward measurements")
     paths = list(dict.fromkeys(r["path"] for r in results if r["part"] == "forward"))
@@ -25,7 +25,7 @@ def plot(data: dict, path: str) -> None:
             roof.append(rec["roofline_ms"] if rec else float("nan"))
         top.plot(ts, roof, "k--", label="roofline")
         for p in paths:
-            best = [_best(results, model, T, "forward", p)[0] for T in ts]
+            best = [best_record(results, model, T, "forward", p)[0] for T in ts]
             ms = [b["ms"] if b else float("nan") for b in best]
             top.plot(ts, ms, marker="o", label=p)
             fr = [b.get("roofline_frac", float("nan")) if b else float("nan") for b in best]

@@ -105,6 +105,17 @@ def measure_matmul(device: torch.device, timer: Timer, n: int, dtype=torch.bfloa
     return 2 * n ** 3 / (t.ms * 1e-3) / 1e12
 
 
+def measure_peaks(device: torch.device, timer: Timer, quick: bool) -> dict:
+    """The roofline's peaks measured here (a copy, a bf16 matmul), and the datasheet's for this GPU."""
+    nbytes = (64 << 20) if quick or device.type != "cuda" else (1 << 30)
+    n = 256 if quick or device.type != "cuda" else 8192
+    measured = {"bandwidth_tbs": measure_bandwidth(device, timer, nbytes),
+                "bf16_tflops": measure_matmul(device, timer, n),
+                "how": f"device-to-device copy of {nbytes >> 20} MiB; bf16 {n}x{n}x{n} matmul"}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return {"measured": measured, "datasheet": datasheet_for(name) if name else None}
+
+
 # Datasheet peaks (dense bf16 TFLOP/s without sparsity, HBM TB/s), matched against the device name
 # in this order; shown beside the measured peaks.
 DATASHEET = [

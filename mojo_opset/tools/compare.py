@@ -1,6 +1,7 @@
 """``mojo-opset compare``: every available backend against the reference, over the embedded matrix.
 
-Exit status: 0 when nothing failed, 1 on any FAIL, 2 on a usage error.
+Exit status: 0 when nothing failed, 1 on any FAIL or when no backend could be compared, 2 on a
+usage error.
 """
 from __future__ import annotations
 
@@ -10,43 +11,14 @@ import time
 import warnings
 
 from . import env as _env
-from .table import render
+from .args import parse_list, unknown_name
+from .table import render, say
 
 DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "f32": "float32", "fp16": "float16", "float16": "float16",
                  "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
 GEMM_OPS = ("moe_experts", "moe_forward", "quant_moe_forward")
-
-
-# the sub-ops that compute an op's result when the backend does not override the op itself
-_COMPONENTS = {"moe_forward": ("moe_permute", "moe_experts", "moe_combine")}
-
-
-def _summarize_served(last: dict, op: str | None = None) -> tuple[str, list[str]]:
-    """One served_by for a case from the per-op records of its calls.
-
-    Any fallback makes the case a fallback. Otherwise the case's own op decides: "kernel" when its
-    override served it (or, for an op the backend does not override, when kernels served the sub-ops
-    that compute it, e.g. permute/experts/combine for moe_forward); a kernel that served only the
-    routing of a quantized MoE does not make the quantized experts a kernel."""
-    fallback = [f"{o}: {why}" for o, rec in last.items() if rec.get("served_by") == "fallback"
-                for why in rec.get("reasons", [])]
-    if fallback or any(rec.get("served_by") == "fallback" for rec in last.values()):
-        return "fallback", fallback
-    own = last.get(op, {}).get("served_by") if op else None
-    if own == "kernel":
-        return "kernel", []
-    if own == "no override":
-        parts = _COMPONENTS.get(op, ())
-        if any(last.get(p, {}).get("served_by") == "kernel" for p in parts):
-            return "kernel", []
-        return "no override", []
-    if any(rec.get("served_by") == "kernel" for rec in last.values()):
-        return "kernel", []
-    if last and all(rec.get("served_by") == "reference" for rec in last.values()):
-        return "reference", []  # the torch backend itself (bench); compare never reports it
-    return "no override", []
 
 
 def _uses_triton(name: str) -> bool:
@@ -78,6 +50,7 @@ def run_case(case, backend: str, device, interpreted: bool):
     from .compare_inputs import make_inputs
     from .compare_ops import OPS, REFERENCE, experts_align_for
     from .compare_report import Result
+    from .served import summarize
 
     t0 = time.perf_counter()
     why = skip_reason(case, backend, device, interpreted)
@@ -99,8 +72,8 @@ def run_case(case, backend: str, device, interpreted: bool):
         raised = None
     except Exception as exc:
         raised = exc
-    served_by, reasons = _summarize_served(mo.last_served(), case.op)
-    res = Result(case, backend, "PASS", served_by, reasons)
+    served = summarize(mo.last_served(), case.op)
+    res = Result(case, backend, "PASS", served.served_by, served.reasons, served=served)
     if raised is not None:
         res.status = "FAIL"
         res.details = [f"raised {type(raised).__name__}: {raised}"]
@@ -126,32 +99,35 @@ def default_dtypes(device) -> list[str]:
     return ["float32", "float16", "bfloat16"] if device.type == "cpu" else ["bfloat16", "float16", "float32"]
 
 
-def _parse_list(text: str | None) -> list[str] | None:
-    if not text:
-        return None
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def resolve_backends(requested: list[str] | None) -> tuple[list[str], list[str]]:
     """(backends to compare, notes about the unavailable ones); raises UsageError on a bad name."""
     import mojo_opset as mo
     from mojo_opset.registry import REFERENCE
 
     avail = mo.available_backends()
-    notes = [f"{n}: unavailable ({rec['reason']})" for n, rec in avail.items() if not rec["available"]]
+    notes = unavailable_notes(avail)
     if requested is None:
         return [n for n, rec in avail.items() if rec["available"] and n != REFERENCE], notes
     out = []
     for n in requested:
         if n == REFERENCE:
             raise UsageError(f"--backends: {REFERENCE!r} is the reference every backend is compared with; "
-                              "name other backends")
+                             "name other backends")
         if n not in avail:
-            raise UsageError(f"--backends: unknown backend {n!r}; registered: {', '.join(avail)}")
+            raise UsageError(unknown_name("--backends", "backend", n, [b for b in avail if b != REFERENCE]))
         if not avail[n]["available"]:
             raise UsageError(f"--backends: backend {n!r} is unavailable: {avail[n]['reason']}")
         out.append(n)
     return out, notes
+
+
+def unavailable_notes(avail: dict) -> list[str]:
+    """One line per distinct reason: ``triton, ttx: unavailable: <reason>``."""
+    by_reason: dict[str, list[str]] = {}
+    for n, rec in avail.items():
+        if not rec["available"]:
+            by_reason.setdefault(rec["reason"] or "no reason given", []).append(n)
+    return [f"{', '.join(names)}: unavailable: {why}" for why, names in by_reason.items()]
 
 
 class UsageError(Exception):
@@ -183,17 +159,19 @@ def add_parser(sub) -> None:
 def _select_cases(args, device):
     from .compare_cases import DTYPES, OP_ALIASES, default_matrix, select
 
-    names = [DTYPE_ALIASES.get(d.lower()) for d in (_parse_list(args.dtypes) or default_dtypes(device))]
-    if None in names:
-        raise UsageError(f"--dtypes: expected some of fp32, fp16, bf16, got {args.dtypes!r}")
+    names = []
+    for d in parse_list(args.dtypes) or default_dtypes(device):
+        if d.lower() not in DTYPE_ALIASES:
+            raise UsageError(unknown_name("--dtypes", "dtype", d, ("fp32", "fp16", "bf16")))
+        names.append(DTYPE_ALIASES[d.lower()])
     dtypes = [DTYPES[n] for n in dict.fromkeys(names)]
     ops = None
     if args.ops:
         ops = []
-        for o in _parse_list(args.ops):
+        for o in parse_list(args.ops):
             op = OP_ALIASES.get(o, o)
             if op not in OP_ALIASES.values():
-                raise UsageError(f"--ops: unknown op {o!r}; expected some of {', '.join(OP_ALIASES)}")
+                raise UsageError(unknown_name("--ops", "op", o, OP_ALIASES))
             ops.append(op)
     cases = select(default_matrix("cpu" if args.no_model_shapes else device.type, dtypes), ops)
     if args.quick:
@@ -214,27 +192,32 @@ def run(args) -> int:
 
     try:
         device = _env.pick_device(args.device)
-        backends, unavailable = resolve_backends(_parse_list(args.backends))
+        backends, unavailable = resolve_backends(parse_list(args.backends))
         cases = _select_cases(args, device)
     except (UsageError, ValueError) as exc:
-        print(f"mojo-opset compare: {exc}", file=sys.stderr)
+        say(f"mojo-opset compare: {exc}", file=sys.stderr)
         return 2
     if args.list:
         print(render(["op", "dtype", "shape", "options"],
-                     [[c.op, c.dtype_name, c.shape_str(), c.options_str()] for c in cases]))
-        print(f"{len(cases)} cases per backend; backends: {', '.join(backends) or 'none available'}")
+                     [[c.op, c.dtype_name, c.shape_str(), c.options_str().replace(",", ", ")] for c in cases],
+                     wrap={3}))
+        say(f"{len(cases)} cases per backend; backends: {', '.join(backends) or 'none available'}")
         return 0
     v = _env.versions()
-    print(f"mojo-opset compare on {device} ({interp_note}); torch {v['torch']}, triton {v['triton'] or '-'}")
+    say(f"mojo-opset compare on {device} ({interp_note}); torch {v['torch']}, triton {v['triton'] or '-'}")
     for n in unavailable:
-        print(f"  {n}")
+        say(n, indent=2)
+    caveat = _env.interpreter_caveat()
+    if caveat:
+        say(f"warning: {caveat}")
     if not backends:
-        print("no backend other than the torch reference is available: nothing to compare")
+        # nothing was verified: a CI job must not pass on an install that lost its backends
+        say("no backend other than the torch reference is available: nothing compared", file=sys.stderr)
         if args.json:
             write_json(args.json, _env.environment(device), [])
         if args.junit:
             write_junit(args.junit, [], 0.0)
-        return 0
+        return 1
     interpreted = {b: device.type == "cpu" and _env.interpreter_on() and _uses_triton(b) for b in backends}
     total = len(cases) * len(backends)
     bar = progress(total, "compare", enabled=not args.no_progress)
@@ -260,7 +243,7 @@ def run(args) -> int:
     if args.slowest:
         print(f"slowest {args.slowest} cases")
         for r in sorted(results, key=lambda r: -r.seconds)[:args.slowest]:
-            print(f"  {r.seconds:7.2f}s  {r.name()}")
+            say(f"{r.seconds:7.2f}s  {r.name()}", indent=2)
     if args.json:
         env = _env.environment(device)
         env["run"] = {"backends": backends, "interpreted": interpreted, "seconds": round(elapsed, 3)}

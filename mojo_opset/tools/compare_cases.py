@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mojo_opset.ops.names import MOE_COMBINE, MOE_EXPERTS, MOE_FORWARD, MOE_GATING, MOE_PERMUTE, QUANT_MOE_FORWARD
+from mojo_opset.contract.names import MOE_COMBINE, MOE_EXPERTS, MOE_FORWARD, MOE_GATING, MOE_PERMUTE, QUANT_MOE_FORWARD
+
+from .bench_models import DEFAULT_MODELS, MODELS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -75,15 +77,9 @@ DEEPSEEK_V3 = dict(score_func="sigmoid", route_norm=True, route_scale=2.5, exper
                    num_expert_groups=4, num_limited_groups=2, group_score="top2_sum")
 DEEPSEEK_V2 = dict(score_func="softmax", num_expert_groups=4, num_limited_groups=2, group_score="max")
 
-# (name, H, I, E, K, routing options) at the real sizes; forward caps DeepSeek-V3's experts to keep
-# a compare run to seconds (the routing cases use all 256).
-MODELS = [
-    ("mixtral-8x7b", 4096, 14336, 8, 2, dict(score_func="softmax", route_norm=True), 8),
-    ("qwen3-30b-a3b", 2048, 768, 128, 8, dict(score_func="softmax", route_norm=True), 128),
-    ("deepseek-v3", 7168, 2048, 256, 8,
-     dict(score_func="sigmoid", route_norm=True, route_scale=2.5, expert_bias=True, num_expert_groups=8,
-          num_limited_groups=4, group_score="top2_sum"), 64),
-]
+# the model shapes of bench (one table: bench_models.MODELS); the forward cases cap DeepSeek-V3's
+# experts to keep a compare run to seconds (the routing cases use all 256)
+FORWARD_EXPERTS_CAP = {"deepseek-v3": 64}
 
 
 def _shape(base: dict, **over) -> dict:
@@ -177,10 +173,11 @@ def default_matrix(device_type: str, dtypes: list[torch.dtype], quant: bool = Tr
         add(MOE_COMBINE, MEDIUM, dict(align=1), all_dtypes=True)
         add(MOE_FORWARD, MEDIUM, dict(score_func="softmax", route_norm=True), all_dtypes=True)
         model_dtype = torch.bfloat16 if torch.bfloat16 in dtypes else primary
-        for name, H, I, E, K, routing, e_fwd in MODELS:
-            add(MOE_GATING, dict(T=2048, H=H, E=E, K=K), dict(routing, model=name), only=model_dtype)
-            label = name if e_fwd == E else f"{name} ({e_fwd} of {E} experts)"
-            add(MOE_FORWARD, dict(T=256, H=H, I=I, E=e_fwd, K=K), dict(routing, model=label), only=model_dtype)
+        for m in (MODELS[name] for name in DEFAULT_MODELS):
+            add(MOE_GATING, dict(T=2048, H=m.H, E=m.E, K=m.K), dict(m.routing, model=m.name), only=model_dtype)
+            f = m.capped(FORWARD_EXPERTS_CAP.get(m.name, m.E))
+            label = m.name if f is m else f"{m.name} ({f.note})"
+            add(MOE_FORWARD, dict(T=256, H=f.H, I=f.I, E=f.E, K=f.K), dict(f.routing, model=label), only=model_dtype)
     return cases
 
 

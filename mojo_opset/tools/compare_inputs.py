@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from mojo_opset.ops.permute import permute_reference
+from mojo_opset.reference.permute import permute_reference
 
 from .compare_cases import Case
 

@@ -10,14 +10,9 @@ from __future__ import annotations
 import torch
 
 import mojo_opset as mo
-from mojo_opset import dispatch as _dispatch
 from mojo_opset import registry
-from mojo_opset.ops.combine import combine_reference
-from mojo_opset.ops.experts import experts_reference
-from mojo_opset.ops.forward import impl_alignment
-from mojo_opset.ops.gating import weights_from_ids
-from mojo_opset.ops.names import MOE_COMBINE, MOE_EXPERTS, MOE_FORWARD, MOE_GATING, MOE_PERMUTE, QUANT_MOE_FORWARD
-from mojo_opset.ops.permute import permute_reference
+from mojo_opset.contract.names import MOE_COMBINE, MOE_EXPERTS, MOE_FORWARD, MOE_GATING, MOE_PERMUTE, QUANT_MOE_FORWARD
+from mojo_opset.reference.gating import weights_from_ids
 from mojo_opset.testing.accuracy import (EXACT, compare_tensors, gemm_tolerance, quant_tolerance,
                                          routing_tolerance)
 from mojo_opset.testing.routing import compare_routing
@@ -46,7 +41,7 @@ def experts_align_for(backend: str) -> int:
         impl = entry.impls().get(MOE_EXPERTS) if entry is not None else None
     except Exception:
         return 1
-    return impl_alignment(impl)
+    return int(impl.required_alignment or 1) if impl is not None else 1
 
 
 # --------------------------------------------------------------------------- calls
@@ -57,23 +52,15 @@ def _call_gating(inp, backend):
 
 
 def _call_permute(inp, backend):
-    call = dict(x=inp["x"], topk_ids=inp["topk_ids"], num_experts=inp["num_experts"], align=inp["align"])
-    out, _ = _dispatch.dispatch(MOE_PERMUTE, permute_reference, call, device=inp["x"].device, backend=backend)
-    return out
+    return mo.moe_permute(inp["x"], inp["topk_ids"], inp["num_experts"], align=inp["align"], backend=backend)
 
 
 def _call_experts(inp, backend):
-    call = dict(permuted_x=inp["permuted_x"], group_ends=inp["group_ends"], w13=inp["w13"], w2=inp["w2"],
-                activation="swiglu")
-    out, _ = _dispatch.dispatch(MOE_EXPERTS, experts_reference, call, device=inp["x"].device, backend=backend)
-    return out
+    return mo.moe_experts(inp["permuted_x"], inp["group_ends"], inp["w13"], inp["w2"], backend=backend)
 
 
 def _call_combine(inp, backend):
-    call = dict(expert_out=inp["expert_out"], pair_row=inp["pair_row"], topk_weights=inp["topk_weights"],
-                num_tokens=inp["x"].shape[0])
-    out, _ = _dispatch.dispatch(MOE_COMBINE, combine_reference, call, device=inp["x"].device, backend=backend)
-    return out
+    return mo.moe_combine(inp["expert_out"], inp["pair_row"], inp["topk_weights"], backend=backend)
 
 
 def _shared_kw(inp):

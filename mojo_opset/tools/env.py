@@ -56,6 +56,20 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 
 
+def interpreter_caveat() -> str | None:
+    """Why the Triton interpreter would fail here, when it would: the interpreter of Triton before
+    3.8 needs numpy before 2.3 (newer numpy breaks its ``range()`` over a runtime int)."""
+    from packaging.version import Version
+
+    triton, numpy = _version("triton"), _version("numpy")
+    if not interpreter_on() or triton is None or numpy is None:
+        return None
+    if Version(triton) < Version("3.8") and Version(numpy) >= Version("2.3"):
+        return (f"the Triton interpreter of triton {triton} needs numpy<2.3 (numpy {numpy} is installed): "
+                "pip install 'numpy<2.3'")
+    return None
+
+
 def pick_device(requested: str | None = None):
     """The device a tool runs on: ``requested``, else cuda, else npu, else cpu."""
     import torch

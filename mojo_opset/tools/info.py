@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from . import env as _env
-from .table import render
+from .table import render, wrap_lines
 
 
 def collect() -> dict:
@@ -81,7 +81,7 @@ def render_text(data: dict) -> str:
     if v.get("torch_npu"):
         lines.append(f"torch_npu  {v['torch_npu']}")
     if e["mojo_env"]:
-        lines.append("env        " + " ".join(f"{k}={val}" for k, val in e["mojo_env"].items()))
+        lines += wrap_lines("env        " + " ".join(f"{k}={val}" for k, val in e["mojo_env"].items()), hang=11)
     lines += ["", "devices"]
     for d in e["devices"]:
         extra = []
@@ -94,29 +94,46 @@ def render_text(data: dict) -> str:
         idx = f":{d['index']}" if "index" in d else ""
         lines.append(f"  {d['type']}{idx:<3} {d['name']}" + (f"  ({', '.join(extra)})" if extra else ""))
     lines += ["", "backends"]
-    rows = []
+    rows, notes = [], []
     for name, b in data["backends"].items():
-        status = "available" if b["available"] else "unavailable"
         vers = ", ".join(f"{k} {val}" for k, val in b["versions"].items())
-        rows.append([name, status, b["reason"] or "", b["source"], vers])
-    lines.append(render(["backend", "status", "reason", "source", "versions"], rows))
+        rows.append([name, "available" if b["available"] else "unavailable", b["source"], vers or "-"])
+        notes.append(None if b["available"] else f"why: {b['reason'] or 'no reason given'}")
+    lines.append(render(["backend", "status", "source", "versions"], rows, wrap={2, 3}, notes=notes))
     names = list(data["backends"])
-    lines += ["", "capabilities (yes: the backend overrides the op; -: the reference serves it; "
-              "grad: has its own backward)"]
+    lines += [""] + wrap_lines("capabilities (yes: the backend overrides the op; -: the reference serves it; "
+                               "grad: has its own backward; align N: the row alignment its experts kernel asks "
+                               "of permute)")
     rows = [[op] + [_cell(data["backends"][n], op, n == REFERENCE) for n in names] for op in data["capabilities"]]
-    lines.append(render(["op"] + names, rows))
+    lines.append(render(["op"] + names, rows, wrap=set(range(1, len(names) + 1))))
     lines += ["", "default selection now (after MOJO_BACKEND* variables)"]
+    errors = selection_errors(data)
     for dev, sel in data["selection"].items():
-        if "error" in sel:
-            lines.append(f"  {dev:<5} error: {sel['error']}")
-        else:
+        if "error" not in sel:
             uniq = sorted(set(sel.values()))
             desc = uniq[0] if len(uniq) == 1 else ", ".join(f"{op}={b}" for op, b in sel.items())
-            lines.append(f"  {dev:<5} {desc}")
+            lines += wrap_lines(f"{dev:<5} {desc}", indent=2, hang=6)
+    for msg, devs in errors.items():  # one line per distinct error, not one per device
+        where = "" if len(devs) == len(data["selection"]) else f" ({', '.join(devs)})"
+        lines += wrap_lines(f"error{where}: {msg}", indent=2)
+    caveat = _env.interpreter_caveat()
+    if caveat:
+        lines += [""] + wrap_lines(f"warning: {caveat}")
     if not e["triton_interpret"] and not e["cuda_available"]:
-        lines += ["", "note: no GPU and TRITON_INTERPRET is not set, so Triton-kernel backends are unavailable "
-                  "here; `mojo-opset compare` turns the interpreter on by itself."]
+        lines += [""] + wrap_lines("note: no GPU and TRITON_INTERPRET is not set, so Triton-kernel backends are "
+                                   "unavailable here; `mojo-opset compare` and `mojo-opset bench` turn the "
+                                   "interpreter on by themselves.")
     return "\n".join(lines)
+
+
+def selection_errors(data: dict) -> dict[str, list[str]]:
+    """``{error message: [devices]}`` for the devices whose default selection failed (for example a
+    MOJO_BACKEND variable naming an unknown backend)."""
+    out: dict[str, list[str]] = {}
+    for dev, sel in data["selection"].items():
+        if "error" in sel:
+            out.setdefault(sel["error"], []).append(dev)
+    return out
 
 
 def add_parser(sub) -> None:
@@ -127,13 +144,15 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    """Exit status 2 when the selection variables are wrong (the report still prints)."""
     data = collect()
+    status = 2 if selection_errors(data) else 0
     if args.json:
         text = json.dumps(data, indent=2, default=str)
         if args.json == "-":
             print(text)
-            return 0
+            return status
         with open(args.json, "w") as f:
             f.write(text + "\n")
     print(render_text(data))
-    return 0
+    return status

@@ -8,9 +8,12 @@ import pytest
 import torch
 
 import mojo_opset as mo
-from mojo_opset.dispatch import dispatch
-from mojo_opset.ops.combine import combine_reference
-from mojo_opset.ops.permute import permute_reference
+from mojo_opset.contract import CombineCall, PermuteCall
+from mojo_opset.dispatch import decide, dispatch
+from mojo_opset.functional.combine import combine_reference_call
+from mojo_opset.functional.permute import permute_reference_call
+from mojo_opset.reference.combine import combine_reference
+from mojo_opset.reference.permute import permute_reference
 from npu_emulation.fixtures import npu_emulation, npu_emulation_factory  # noqa: F401
 
 
@@ -84,7 +87,7 @@ def _fallback(op, reason_part):
     ("replay", 8, dict(forced_expert_ids=torch.tensor([[3, 1], [0, 7], [5, 6]])), "forced_expert_ids"),
     ("two experts", 2, {}, "more than 2 per group"),
     ("groups of two", 8, dict(num_expert_groups=4, num_limited_groups=2), "more than 2 per group"),
-    ("too many experts", 2049, {}, "at most 2048"),
+    ("too many experts", 2049, {}, "limit of 2048"),
 ])
 def test_gating_emulation_declines_with_reason(npu_emulation, case, E, kw, reason):
     g = torch.Generator().manual_seed(1)
@@ -94,6 +97,18 @@ def test_gating_emulation_declines_with_reason(npu_emulation, case, E, kw, reaso
     got = _route("npu", x, gw, 2, **kw)
     _fallback("moe_gating", reason)
     _assert_routing_equal(got, _route("torch", x, gw, 2, **kw))
+
+
+def test_undeclared_options_are_declined_never_ignored(npu_emulation):
+    """An option the contract gains later reaches every npu op as a reason, never a silent default."""
+    from test_contract import sample_calls, with_new_option
+    impls = mo.registry.get_entry("npu").impls()
+    for op, call in sample_calls().items():
+        if op not in impls:
+            continue
+        _, _, served_by, reasons = decide(with_new_option(call), "npu")
+        assert served_by == "fallback" and "option new_feature=1 is not implemented" in reasons, (op, reasons)
+        assert decide(with_new_option(call, 0), "npu")[2] == decide(call, "npu")[2]
 
 
 def test_gating_emulation_empty_input_falls_back(npu_emulation):
@@ -140,7 +155,7 @@ def test_permute_emulation_matches_reference(npu_emulation, align, dtype):
     ids[:, 0] = 2                      # a crowded expert, so stable order matters; expert 5 may be empty
     call = dict(x=x, topk_ids=ids, num_experts=E, align=align)
     with mo.strict():
-        got, served = dispatch("moe_permute", permute_reference, call, device=x.device, backend="npu")
+        got, served = dispatch(PermuteCall(**call), permute_reference_call, backend="npu")
     assert served == "kernel"
     ref = permute_reference(**call)
     for a, b in zip(got, ref):
@@ -151,8 +166,7 @@ def test_permute_emulation_declines_int64_ids(npu_emulation):
     x, ids = torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.int64)
     ids[:, 1] = 1
     with mo.strict(), pytest.raises(mo.StrictFallbackError, match="int32 expert ids"):
-        dispatch("moe_permute", permute_reference, dict(x=x, topk_ids=ids, num_experts=4, align=1),
-                 device=x.device, backend="npu")
+        dispatch(PermuteCall(x=x, topk_ids=ids, num_experts=4, align=1), permute_reference_call, backend="npu")
 
 
 @pytest.mark.parametrize("without", [(), ("npu_moe_token_unpermute",)])
@@ -167,7 +181,7 @@ def test_combine_emulation_matches_reference(npu_emulation_factory, without, dty
     w = torch.rand(T, K, generator=g)
     call = dict(expert_out=y, pair_row=pair_row, topk_weights=w, num_tokens=T)
     with mo.strict():
-        got, served = dispatch("moe_combine", combine_reference, call, device=y.device, backend="npu")
+        got, served = dispatch(CombineCall(**call), combine_reference_call, backend="npu")
     assert served == "kernel" and got.dtype == dtype
     # bf16: the operators take the weights in the rows' dtype (2**-9 relative rounding)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
@@ -181,12 +195,12 @@ def test_combine_emulation_declines_padded_rows_and_old_finalize(npu_emulation_f
     px, _, ends, _, pair_row = permute_reference(torch.randn(T, H, generator=g), ids, E, align=8)
     call = dict(expert_out=px, pair_row=pair_row, topk_weights=torch.rand(T, K, generator=g), num_tokens=T)
     npu_emulation_factory()
-    got, served = dispatch("moe_combine", combine_reference, call, device=px.device, backend="npu")
+    got, served = dispatch(CombineCall(**call), combine_reference_call, backend="npu")
     assert served == "fallback"
     _fallback("moe_combine", "exactly T*K rows")
     torch.testing.assert_close(got, combine_reference(**call))
     npu_emulation_factory(version="2.3.1", without=("npu_moe_token_unpermute",))
     _, _, _, _, pair_row = permute_reference(torch.zeros(T, 1), ids, E)
     call.update(expert_out=torch.randn(T * K, H, generator=g), pair_row=pair_row)
-    dispatch("moe_combine", combine_reference, call, device=px.device, backend="npu")
+    dispatch(CombineCall(**call), combine_reference_call, backend="npu")
     _fallback("moe_combine", "has neither npu_moe_token_unpermute")

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 import mojo_opset as mo
+from mojo_opset.contract import ForwardCall
 from mojo_opset import dispatch
-from mojo_opset.ops.combine import combine_reference
-from mojo_opset.ops.forward import compose_forward
-from mojo_opset.ops.permute import permute_reference
+from mojo_opset.reference.combine import combine_reference
+from mojo_opset.functional.forward import routed_experts
+from mojo_opset.reference.permute import permute_reference
 
 pytestmark = pytest.mark.skipif(not mo.available_backends().get("triton", {}).get("available"),
                                 reason="triton backend unavailable")
@@ -60,7 +61,7 @@ def test_bf16_in_the_interpreter_is_upcast():
 
 
 def _op_ref(x, ids, w, w13, w2):
-    return compose_forward(x, ids, w, w13, w2, backend="torch")
+    return routed_experts(x, ids, w, (w13, w2), backend="torch")
 
 
 def test_all_tokens_to_one_expert_and_empty_experts():
@@ -150,11 +151,10 @@ def test_permute_op_matches_reference_exactly(align):
     x = torch.randn(11, 24, generator=g).to(_dev())
     ids = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(11)]).to(_dev(), torch.int32)
     ids[4] = torch.tensor([5, 0, 1])                       # leave some experts busier than others
-    call = dict(x=x, topk_ids=ids, num_experts=6, align=align)
     with mo.strict():
-        out, served = dispatch.dispatch("moe_permute", permute_reference, call, device=x.device, backend="triton")
-    assert served == "kernel"
-    for a, b in zip(out, permute_reference(**call)):
+        out = mo.moe_permute(x, ids, 6, align=align, backend="triton")
+    assert mo.last_served("moe_permute")["served_by"] == "kernel"
+    for a, b in zip(out, permute_reference(x, ids, 6, align)):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
@@ -174,11 +174,10 @@ def test_combine_op_matches_reference():
     y = torch.randn(9 * 3 + 5 * 7, 16, generator=g).to(_dev(), torch.float16)
     _, _, _, _, pair_row = permute_reference(torch.zeros(9, 1, device=_dev()), ids, 5, 8)
     w = torch.rand(9, 3, generator=g).to(_dev())
-    call = dict(expert_out=y, pair_row=pair_row, topk_weights=w, num_tokens=9)
     with mo.strict():
-        out, served = dispatch.dispatch("moe_combine", combine_reference, call, device=y.device, backend="triton")
-    assert served == "kernel"
-    torch.testing.assert_close(out, combine_reference(**call), **TOL[torch.float16])
+        out = mo.moe_combine(y, pair_row, w, backend="triton")
+    assert mo.last_served("moe_combine")["served_by"] == "kernel"
+    torch.testing.assert_close(out, combine_reference(y, pair_row, w, 9), **TOL[torch.float16])
 
 
 def test_declines_with_reasons():
@@ -186,10 +185,10 @@ def test_declines_with_reasons():
     x, _, w13, w2 = _layer(3, 32, 16, 4, torch.float16)
     ids = torch.zeros(3, 2, dtype=torch.int32, device=_dev())
     w = torch.ones(3, 2, device=_dev())
-    r = impl.reasons(x=x, topk_ids=ids, topk_weights=w, w13=w13, w2=w2, activation="gelu")
-    assert any("activation 'gelu'" in s for s in r)
-    r = impl.reasons(x=x.double(), topk_ids=ids, topk_weights=w, w13=w13.double(), w2=w2.double(),
-                     activation="swiglu")
+    r = impl.declared_reasons(ForwardCall(x=x, topk_ids=ids, topk_weights=w, w13=w13, w2=w2, activation="gelu"))
+    assert any("activation='gelu'" in s for s in r)
+    r = impl.declared_reasons(ForwardCall(x=x.double(), topk_ids=ids, topk_weights=w, w13=w13.double(),
+                                          w2=w2.double()))
     assert any("float64" in s for s in r)
     # mixed dtypes reach the backend through the public API and are declined there
     x, gw, w13, w2 = _layer(3, 32, 16, 4, torch.float32)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import mojo_opset as mo
-from mojo_opset.ops.forward import compose_forward
+from mojo_opset.functional.forward import routed_experts
 
 pytestmark = pytest.mark.gpu
 
@@ -46,7 +46,7 @@ def test_model_shapes_bf16(model, T):
     assert _rel(y, ref) < 1e-2
     # the fused experts alone, on the same ids: close to the grouped_mm path
     yk = torch.ops.mojo_triton.fused_moe(x, rinfo["topk_ids"], rinfo["topk_weights"], w13, w2)
-    assert _rel(yk, compose_forward(x, rinfo["topk_ids"], rinfo["topk_weights"], w13, w2, backend="torch")) < 1e-2
+    assert _rel(yk, routed_experts(x, rinfo["topk_ids"], rinfo["topk_weights"], (w13, w2), backend="torch")) < 1e-2
     del w13, w2
     torch.cuda.empty_cache()
 
@@ -61,7 +61,7 @@ def test_other_dtypes(dtype):
 
 
 def test_routing_kernel_deepseek_many_tokens():
-    from mojo_opset.ops.gating import gating_reference
+    from mojo_opset.reference.gating import gating_reference
 
     g = torch.Generator(device="cuda").manual_seed(5)
     logits = torch.randn(4096, 256, device="cuda", generator=g)
@@ -137,7 +137,7 @@ def test_offsets_beyond_int32():
     w = torch.rand(T, K, device="cuda")
     y = torch.ops.mojo_triton.fused_moe(x, ids, w, w13, w2)
     tail = slice(T - 512, T)
-    ref = compose_forward(x[tail], ids[tail], w[tail], w13, w2, backend="torch")
+    ref = routed_experts(x[tail], ids[tail], w[tail], (w13, w2), backend="torch")
     assert _rel(y[tail], ref) < 1e-2
     head = slice(0, 512)
-    assert _rel(y[head], compose_forward(x[head], ids[head], w[head], w13, w2, backend="torch")) < 1e-2
+    assert _rel(y[head], routed_experts(x[head], ids[head], w[head], (w13, w2), backend="torch")) < 1e-2

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import mojo_opset as mo
-from mojo_opset.ops.gating import gating_reference
+from mojo_opset.contract import GatingCall, RoutingOptions
+from mojo_opset.reference.gating import gating_reference
 
 pytestmark = pytest.mark.skipif(not mo.available_backends().get("triton", {}).get("available"),
                                 reason="triton backend unavailable")
@@ -167,8 +168,7 @@ def test_gradients_flow_through_rebuilt_weights():
 def test_declines_with_reasons():
     impl = mo.registry.get_entry("triton").impls()["moe_gating"]
     big = torch.empty(2, 8192, device=_dev())
-    r = impl.reasons(logits=big, top_k=2, score_func="softmax", group_score="top2_sum", num_expert_groups=1,
-                     num_limited_groups=1)
+    r = impl.declared_reasons(GatingCall(logits=big, routing=RoutingOptions(top_k=2)))
     assert any("8192" in s for s in r)
     x = torch.randn(2, 4, device=_dev())
     gw = torch.randn(8192, 4, device=_dev())

@@ -3,16 +3,17 @@ import pytest
 import torch
 
 import mojo_opset as mo
-from mojo_opset.ops.experts import experts_loop
-from mojo_opset.ops.permute import permute_reference
-from ttx_helpers import TOL, expert_weights, interpreted, random_ids, run_op
+from mojo_opset.contract import ExpertsCall
+from mojo_opset.reference.experts import experts_loop
+from mojo_opset.reference.permute import permute_reference
+from ttx_helpers import TOL, expert_weights, interpreted, random_ids, reasons, run_op
 
 pytestmark = pytest.mark.skipif(not interpreted(), reason="needs the ttx backend under the Triton interpreter")
 
 
 def check_experts(px, ends, w13, w2):
     with mo.strict():
-        y, rec = run_op("moe_experts", permuted_x=px, group_ends=ends, w13=w13, w2=w2, activation="swiglu")
+        y, rec = run_op(ExpertsCall(permuted_x=px, group_ends=ends, w13=w13, w2=w2, activation="swiglu"))
     assert rec["served_by"] == "kernel", rec
     ref = experts_loop(px, ends, w13, w2)
     assert y.dtype == px.dtype and y.shape == ref.shape
@@ -58,19 +59,20 @@ def test_experts_decline_non_contiguous_weights():
     w2t = w2.transpose(1, 2).contiguous().transpose(1, 2)  # same values, not contiguous
     x = torch.randn(5, H, generator=g)
     px, _, ends, _, _ = permute_reference(x, random_ids(5, E, 2, generator=g), E, 1)
-    y, rec = run_op("moe_experts", permuted_x=px, group_ends=ends, w13=w13, w2=w2t, activation="swiglu")
+    y, rec = run_op(ExpertsCall(permuted_x=px, group_ends=ends, w13=w13, w2=w2t, activation="swiglu"))
     assert rec["served_by"] == "fallback"
     assert any("w2 is not contiguous" in r for r in rec["reasons"])
     torch.testing.assert_close(y, experts_loop(px, ends, w13, w2))
 
 
 def test_experts_reasons_for_activation():
-    from mojo_opset_ttx.impls import Experts
+    from mojo_opset_ttx.experts import Experts
     x = torch.empty(4, 8)
     w13, w2 = torch.empty(2, 8, 8), torch.empty(2, 8, 4)
-    reasons = Experts().reasons(permuted_x=x, group_ends=None, w13=w13, w2=w2, activation="gelu")
-    assert any("activation 'gelu' is not implemented" in r for r in reasons)
-    assert Experts().reasons(permuted_x=x, group_ends=None, w13=w13, w2=w2, activation="swiglu") == []
+    ends = torch.zeros(2, dtype=torch.int32)
+    got = reasons(Experts(), ExpertsCall(permuted_x=x, group_ends=ends, w13=w13, w2=w2, activation="gelu"))
+    assert any("option activation='gelu' is not implemented" in r for r in got)
+    assert reasons(Experts(), ExpertsCall(permuted_x=x, group_ends=ends, w13=w13, w2=w2, activation="swiglu")) == []
 
 
 def make_moe(T, E, H, I, dtype, seed):

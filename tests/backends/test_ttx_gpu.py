@@ -3,10 +3,11 @@ import pytest
 import torch
 
 import mojo_opset as mo
-from mojo_opset.ops.combine import combine_reference
-from mojo_opset.ops.experts import experts_loop
-from mojo_opset.ops.gating import gating_reference
-from mojo_opset.ops.permute import permute_reference
+from mojo_opset.contract import CombineCall, ExpertsCall, PermuteCall
+from mojo_opset.functional.gating import gating_reference_call
+from mojo_opset.reference.combine import combine_reference
+from mojo_opset.reference.experts import experts_loop
+from mojo_opset.reference.permute import permute_reference
 from ttx_helpers import (TOL, assert_same_routing, expert_weights, gating_call, grid_randn, interpreted, random_ids,
                          run_op, ttx_available)
 
@@ -33,10 +34,11 @@ def test_gating(T, case):
     logits[T // 2] = float("nan")
     call = gating_call(logits, K, **case)
     with mo.strict():
-        (ids, w, scores), rec = run_op("moe_gating", **call)
+        (ids, w, scores), rec = run_op(call)
     assert rec["served_by"] == "kernel"
-    ref = gating_reference(**call)
-    choice = ref[2] if call["expert_bias"] is None else ref[2] + call["expert_bias"]
+    ref = gating_reference_call(call)
+    bias = call.routing.expert_bias
+    choice = ref[2] if bias is None else ref[2] + bias
     assert_same_routing(ids, ref[0], choice)
     torch.testing.assert_close(w, ref[1], rtol=1e-5, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(scores, ref[2], rtol=1e-5, atol=1e-6, equal_nan=True)
@@ -49,14 +51,14 @@ def test_permute_combine_bf16(align, T, E, K):
     x = torch.randn(T, 512, generator=g).to(DEV, torch.bfloat16)
     ids = random_ids(T, E, K, generator=g, device=DEV)
     with mo.strict():
-        out, rec = run_op("moe_permute", x=x, topk_ids=ids, num_experts=E, align=align)
+        out, rec = run_op(PermuteCall(x=x, topk_ids=ids, num_experts=E, align=align))
     assert rec["served_by"] == "kernel"
     for a, b in zip(out, permute_reference(x, ids, E, align)):
         assert torch.equal(a, b)
     y = torch.randn(out[0].shape, generator=g).to(DEV, torch.bfloat16)
     w = torch.rand(T, K, generator=g).to(DEV)
     with mo.strict():
-        c, rec = run_op("moe_combine", expert_out=y, pair_row=out[4], topk_weights=w, num_tokens=T)
+        c, rec = run_op(CombineCall(expert_out=y, pair_row=out[4], topk_weights=w, num_tokens=T))
     assert rec["served_by"] == "kernel"
     torch.testing.assert_close(c, combine_reference(y, out[4], w, T), **TOL[torch.bfloat16])
 
@@ -69,7 +71,7 @@ def test_experts(dtype, T, E, K, H, I):
     px, _, ends, _, _ = permute_reference(x, random_ids(T, E, K, generator=g, device=DEV), E, 1)
     w13, w2 = expert_weights(E, H, I, dtype, generator=g, device=DEV)
     with mo.strict():
-        y, rec = run_op("moe_experts", permuted_x=px, group_ends=ends, w13=w13, w2=w2, activation="swiglu")
+        y, rec = run_op(ExpertsCall(permuted_x=px, group_ends=ends, w13=w13, w2=w2, activation="swiglu"))
     assert rec["served_by"] == "kernel"
     torch.testing.assert_close(y, experts_loop(px, ends, w13, w2), **TOL[dtype])
 

@@ -3,16 +3,17 @@ import pytest
 import torch
 
 import mojo_opset as mo
-from mojo_opset.ops.combine import combine_reference
-from mojo_opset.ops.permute import permute_reference
-from ttx_helpers import interpreted, random_ids, run_op
+from mojo_opset.contract import CombineCall, PermuteCall
+from mojo_opset.reference.combine import combine_reference
+from mojo_opset.reference.permute import permute_reference
+from ttx_helpers import interpreted, random_ids, reasons, run_op
 
 pytestmark = pytest.mark.skipif(not interpreted(), reason="needs the ttx backend under the Triton interpreter")
 
 
 def check_permute(x, ids, E, align):
     with mo.strict():
-        out, rec = run_op("moe_permute", x=x, topk_ids=ids, num_experts=E, align=align)
+        out, rec = run_op(PermuteCall(x=x, topk_ids=ids, num_experts=E, align=align))
     assert rec["served_by"] == "kernel", rec
     ref = permute_reference(x, ids, E, align)
     names = ("permuted_x", "tokens_per_expert", "group_ends", "row_src", "pair_row")
@@ -58,13 +59,13 @@ def test_permute_int64_ids():
     x = torch.randn(6, 8, generator=g)
     ids = random_ids(6, 4, 2, generator=g)
     with mo.strict():
-        out, _ = run_op("moe_permute", x=x, topk_ids=ids.long(), num_experts=4, align=1)
+        out, _ = run_op(PermuteCall(x=x, topk_ids=ids.long(), num_experts=4, align=1))
     assert torch.equal(out[0], permute_reference(x, ids, 4, 1)[0])
 
 
 def check_combine(y, pair_row, w, T):
     with mo.strict():
-        out, rec = run_op("moe_combine", expert_out=y, pair_row=pair_row, topk_weights=w, num_tokens=T)
+        out, rec = run_op(CombineCall(expert_out=y, pair_row=pair_row, topk_weights=w, num_tokens=T))
     assert rec["served_by"] == "kernel", rec
     ref = combine_reference(y, pair_row, w, T)
     assert out.dtype == y.dtype and out.shape == ref.shape
@@ -106,18 +107,19 @@ def test_combine_is_deterministic():
     pair_row = torch.randperm(40, generator=g).to(torch.int32)
     w = torch.rand(10, 4, generator=g)
     with mo.strict():
-        a, _ = run_op("moe_combine", expert_out=y, pair_row=pair_row, topk_weights=w, num_tokens=10)
-        b, _ = run_op("moe_combine", expert_out=y, pair_row=pair_row, topk_weights=w, num_tokens=10)
+        a, _ = run_op(CombineCall(expert_out=y, pair_row=pair_row, topk_weights=w, num_tokens=10))
+        b, _ = run_op(CombineCall(expert_out=y, pair_row=pair_row, topk_weights=w, num_tokens=10))
     assert torch.equal(a, b)
 
 
 def test_permute_reasons():
-    from mojo_opset_ttx.impls import Permute
+    from mojo_opset_ttx.permute import Permute
     impl = Permute()
     ok = dict(x=torch.empty(4, 8), topk_ids=torch.zeros(4, 2, dtype=torch.int32), num_experts=4, align=16)
-    assert impl.reasons(**ok) == []
-    assert any("meta" in r for r in impl.reasons(**{**ok, "x": torch.empty(4, 8, device="meta")}))
-    assert any("8192 experts" in r for r in impl.reasons(**{**ok, "num_experts": 8192}))
+    assert reasons(impl, PermuteCall(**ok)) == []
+    assert any("meta" in r for r in reasons(impl, PermuteCall(**{**ok, "x": torch.empty(4, 8, device="meta")})))
+    assert any("num_experts = 8192" in r for r in reasons(impl, PermuteCall(**{**ok, "num_experts": 8192})))
     many = torch.empty(2**23, 2, dtype=torch.int32, device="meta")   # 2**24 pairs, no memory
-    assert any("2**24 pairs" in r for r in impl.reasons(**{**ok, "topk_ids": many}))
-    assert any("float64" in r for r in impl.reasons(**{**ok, "x": torch.empty(4, 8, dtype=torch.float64)}))
+    assert any("2**24 pairs" in r for r in reasons(impl, PermuteCall(**{**ok, "topk_ids": many})))
+    assert any("float64" in r
+               for r in reasons(impl, PermuteCall(**{**ok, "x": torch.empty(4, 8, dtype=torch.float64)})))

@@ -3,14 +3,16 @@ import torch
 
 import mojo_opset as mo
 from mojo_opset import dispatch as _dispatch
-from mojo_opset.ops.combine import combine_reference
-from mojo_opset.ops.experts import experts_loop
-from mojo_opset.ops.gating import gating_reference
-from mojo_opset.ops.names import MOE_COMBINE, MOE_EXPERTS, MOE_GATING, MOE_PERMUTE
-from mojo_opset.ops.permute import permute_reference
+from mojo_opset.contract import GatingCall, RoutingOptions
+from mojo_opset.contract.names import MOE_COMBINE, MOE_EXPERTS, MOE_GATING, MOE_PERMUTE
+from mojo_opset.functional.combine import combine_reference_call
+from mojo_opset.functional.gating import gating_reference_call
+from mojo_opset.functional.permute import permute_reference_call
+from mojo_opset.reference.experts import experts_loop
 
-REFERENCES = {MOE_GATING: gating_reference, MOE_PERMUTE: permute_reference, MOE_EXPERTS: experts_loop,
-              MOE_COMBINE: combine_reference}
+REFERENCES = {MOE_GATING: gating_reference_call, MOE_PERMUTE: permute_reference_call,
+              MOE_EXPERTS: lambda call: experts_loop(call.permuted_x, call.group_ends, call.w13, call.w2),
+              MOE_COMBINE: combine_reference_call}
 
 
 def ttx_available() -> bool:
@@ -20,25 +22,31 @@ def ttx_available() -> bool:
 def interpreted() -> bool:
     if not ttx_available():
         return False
-    from mojo_opset_ttx.impls import INTERPRETED
-    return INTERPRETED
+    mo.registry.get_entry("ttx").impls()     # loads the kernels, which fixes the mode they run in
+    from mojo_opset_ttx.platform import kernels_interpreted
+    return kernels_interpreted()
 
 
-def run_op(op, **call):
-    """Run ``op`` through the dispatcher on the ttx backend; returns (result, last_served record)."""
-    dev = next(v for v in call.values() if isinstance(v, torch.Tensor)).device
-    out, _ = _dispatch.dispatch(op, REFERENCES[op], call, device=dev, backend="ttx")
-    return out, mo.last_served(op)
+def run_op(call):
+    """Run the typed ``call`` through the dispatcher on the ttx backend; returns (result, last_served record)."""
+    out, _ = _dispatch.dispatch(call, REFERENCES[call.op], backend="ttx")
+    return out, mo.last_served(call.op)
 
 
-def gating_call(logits, top_k, **kw):
-    call = dict(logits=logits, top_k=top_k, score_func="softmax", route_norm=False, route_scale=1.0,
-                expert_bias=None, num_expert_groups=1, num_limited_groups=None, group_score="top2_sum",
-                forced_expert_ids=None)
-    call.update(kw)
-    if call["num_limited_groups"] is None:
-        call["num_limited_groups"] = call["num_expert_groups"]
-    return call
+def reasons(impl, call):
+    """Every reason ``impl`` gives for ``call`` (declared and extra), as the dispatcher asks."""
+    from mojo_opset_ttx import TtxBackend
+    return impl.declared_reasons(call, TtxBackend.device_types)
+
+
+def gating_call(logits, top_k, num_expert_groups=1, num_limited_groups=None, **kw):
+    """A GatingCall normalised as the core builds it: keeping every group is no group limit."""
+    L = num_expert_groups if num_limited_groups is None else num_limited_groups
+    G = num_expert_groups
+    if L == G:
+        G = L = 1
+    routing = RoutingOptions(top_k=top_k, num_expert_groups=G, num_limited_groups=L, **kw)
+    return GatingCall(logits=logits, routing=routing)
 
 
 def grid_randn(*shape, step=1 / 64, generator=None, device="cpu"):

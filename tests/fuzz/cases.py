@@ -37,12 +37,15 @@ class Case:
     x_layout: str = "contiguous"   # one of X_LAYOUTS
     w_layout: str = "contiguous"   # one of W_LAYOUTS: gate_weight, w13, w2 (and the shared weights)
     ties: bool = False
+    # (expert, value) entries of expert_bias set to NaN, -inf, +inf or an exact tie: NaN must rank
+    # below every number, -inf included (SPEC 3.1 step 5)
+    special_bias: tuple = ()
 
     def short(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.routing.items() if v not in (None, False))
         return (f"T{self.T} H{self.H} E{self.E} K{self.K} I{self.I} {str(self.dtype)[6:]} seed{self.seed} "
                 f"{opts} shared={self.shared} nan={self.nan_rows} inf={self.inf_rows} "
-                f"x={self.x_layout} w={self.w_layout} ties={self.ties}")
+                f"x={self.x_layout} w={self.w_layout} ties={self.ties} special_bias={self.special_bias}")
 
 
 # how a tensor is laid out in memory: "strided" is every other column of a wider buffer, "offset" a
@@ -72,6 +75,26 @@ def place(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+SPECIAL_BIAS = (float("nan"), float("-inf"), float("inf"), 0.0)
+
+
+@st.composite
+def special_bias(draw, E: int, K: int) -> tuple:
+    """Experts whose bias is NaN, -inf, +inf or 0.0 (ties with each other), NaN and -inf alone about
+    half the time.  Half the time fewer than K experts keep a finite bias, so the top K must rank the
+    special ones against each other."""
+    if draw(st.booleans()):
+        n = E - draw(st.integers(0, K - 1))
+    else:
+        n = draw(st.integers(1, min(E, 4)))
+    experts = draw(st.lists(st.integers(0, E - 1), min_size=n, max_size=n, unique=True))
+    if n >= 2 and draw(st.booleans()):
+        values = [SPECIAL_BIAS[i % 2] for i in range(n)]      # NaN, -inf, NaN, -inf
+    else:
+        values = draw(st.lists(st.sampled_from(SPECIAL_BIAS), min_size=n, max_size=n))
+    return tuple(zip(experts, values))
 
 
 @st.composite
@@ -104,13 +127,17 @@ def cases(draw, allow_odd_inputs: bool = True) -> Case:
             nan_rows = (draw(st.integers(0, T - 1)),)
         if draw(st.integers(0, 9)) == 0:
             inf_rows = (draw(st.integers(0, T - 1)),)
+    special = ()
+    if allow_odd_inputs and draw(st.integers(0, 3)) == 0:
+        routing["expert_bias"] = True
+        special = draw(special_bias(E, K))
     # contiguous about half the time; each other layout about a sixth
     x_layout = draw(st.sampled_from(("contiguous",) * 4 + X_LAYOUTS[1:] * 2))
     w_layout = draw(st.sampled_from(("contiguous",) * 4 + W_LAYOUTS[1:] * 2))
     return Case(T, H, E, K, I, dtype, draw(st.integers(0, 2**31 - 1)), routing,
                 shared=draw(st.integers(0, 3)) == 0, shared_gate=draw(st.booleans()),
                 nan_rows=nan_rows, inf_rows=inf_rows, x_layout=x_layout, w_layout=w_layout,
-                ties=draw(st.integers(0, 5)) == 0)
+                ties=draw(st.integers(0, 5)) == 0, special_bias=special)
 
 
 def build(case: Case, requires_grad: bool = False):
@@ -139,7 +166,10 @@ def build(case: Case, requires_grad: bool = False):
     if r["gate_bias"]:
         kw["gate_bias"] = rnd(case.E, scale=0.1)
     if r["expert_bias"]:
-        kw["expert_bias"] = (torch.randn(case.E, generator=g) * 0.05).to(dev)
+        bias = torch.randn(case.E, generator=g) * 0.05
+        for e, v in case.special_bias:
+            bias[e] = v
+        kw["expert_bias"] = bias.to(dev)
     if case.shared:
         kw["shared_w13"] = place(rnd(2 * case.I, case.H, scale=case.H ** -0.5), case.w_layout)
         kw["shared_w2"] = place(rnd(case.H, case.I, scale=case.I ** -0.5), case.w_layout)
@@ -183,3 +213,57 @@ def quant_cases(draw) -> QuantCase:
         fits = [g for g in (16, 32, 64, 128) if case.H % g == 0 and case.I % g == 0]
         group = draw(st.sampled_from([None] + fits))
     return QuantCase(case, scheme, group)
+
+
+# ---------------------------------------------------------------------------------------------------
+# router replay sequences: several micro-batches, checkpointing, backward in any order
+
+CKPT_MODES = (None, "reentrant", "non_reentrant")
+MICROBATCH_MODES = ("replay", "record", "natural")
+
+
+@dataclass
+class ReplayCase:
+    """Micro-batches run one after another through a small model with a RouterReplay attached, each
+    replayed (its own ids), recorded or natural, then backpropagated in ``order`` (None: one backward
+    of the sum).  ``model``: "blocks" (two LayerNorm + MoE blocks) or "bare" (one MoE applied to the
+    data itself, whose input then needs no gradient unless ``x_grad``)."""
+    case: Case                 # sizes, routing options and seed (dtype float32, no odd inputs)
+    modes: tuple               # per micro-batch, of MICROBATCH_MODES
+    ckpt: str | None           # checkpoint mode of each block (or of the bare MoE)
+    outer: str | None          # checkpoint mode of the whole model around it (nested checkpoints)
+    offload: bool              # torch.autograd.graph.save_on_cpu around the forwards
+    order: tuple | None
+    no_grad_after: tuple       # micro-batches followed by a replayed forward under torch.no_grad()
+    model: str = "blocks"
+    x_grad: bool = True
+
+    def short(self) -> str:
+        return (f"modes={self.modes} ckpt={self.ckpt} outer={self.outer} offload={self.offload} "
+                f"order={self.order} no_grad_after={self.no_grad_after} model={self.model} "
+                f"x_grad={self.x_grad} {self.case.short()}")
+
+
+@st.composite
+def replay_cases(draw) -> ReplayCase:
+    T = draw(st.integers(1, 6))
+    E = draw(st.sampled_from([2, 4, 8]))
+    K = draw(st.integers(1, min(E, 3)))
+    G = draw(st.sampled_from(_divisors(E)))
+    per = E // G
+    L = draw(st.integers(-(-K // per), G)) if G > 1 else None
+    routing = dict(score_func=draw(st.sampled_from(["softmax", "sigmoid"])), route_norm=draw(st.booleans()),
+                   route_scale=draw(st.sampled_from([1.0, 2.5])), num_expert_groups=G, num_limited_groups=L,
+                   group_score=draw(st.sampled_from(["top2_sum", "max"])), router_dtype=torch.float32,
+                   gate_bias=draw(st.booleans()), expert_bias=draw(st.booleans()))
+    case = Case(T, 16, E, K, 8, torch.float32, draw(st.integers(0, 2**31 - 1)), routing)
+    n = draw(st.integers(2, 3))
+    modes = tuple(draw(st.sampled_from(MICROBATCH_MODES[:1] * 3 + MICROBATCH_MODES[1:])) for _ in range(n))
+    model = draw(st.sampled_from(["blocks", "blocks", "bare"]))
+    ckpt = draw(st.sampled_from(CKPT_MODES))
+    outer = draw(st.sampled_from(CKPT_MODES)) if model == "blocks" else None
+    # reentrant checkpointing needs an input that requires grad (else its output has none)
+    x_grad = True if "reentrant" in (ckpt, outer) else draw(st.booleans())
+    order = draw(st.one_of(st.none(), st.permutations(range(n)).map(tuple)))
+    no_grad_after = tuple(i for i in range(n) if draw(st.integers(0, 3)) == 0)
+    return ReplayCase(case, modes, ckpt, outer, draw(st.integers(0, 3)) == 0, order, no_grad_after, model, x_grad)

@@ -15,7 +15,10 @@ def near_tie_rows(scores: torch.Tensor, K: int, expert_bias, groups: int, kept) 
     decided by less than TIE_EPS."""
     T, E = scores.shape
     choice = scores.double() + (0 if expert_bias is None else expert_bias.double())
-    choice = torch.nan_to_num(choice, nan=float("-inf"))
+    # NaN ranks as -inf for the gaps; +-inf stay infinite (nan_to_num would make them the largest
+    # finite values, whose equal neighbours would pass for near-ties): an infinite gap is no tie, and
+    # equal infinities must be ordered exactly (lower id first, NaN last)
+    choice = torch.where(torch.isnan(choice), float("-inf"), choice)
     top = choice.sort(dim=1, descending=True).values[:, : min(K + 1, E)]
     gaps = top[:, :-1] - top[:, 1:]
     finite = torch.isfinite(top[:, :-1]) & torch.isfinite(top[:, 1:])

@@ -26,7 +26,10 @@ from pathlib import Path
 
 TESTS = {"forward": "test_forward_matches_reference", "composed": "test_composed_ops_match_reference",
          "gradients": "test_gradients_match_reference",
-         "quant": "test_quant_forward_matches_reference", "invalid_ids": "test_invalid_forced_ids_rejected"}
+         "quant": "test_quant_forward_matches_reference", "invalid_ids": "test_invalid_forced_ids_rejected",
+         "modules": "test_modules_match_functional", "module_invalid_ids": "test_module_invalid_ids_rejected",
+         "replay": "test_replay_microbatches_match_no_checkpoint"}
+FILES = ("test_fuzz_backends.py", "test_fuzz_modules.py")
 HERE = Path(__file__).resolve().parent
 
 
@@ -74,7 +77,7 @@ def _launch(a, out: Path) -> list[dict]:
                        PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
                        HYPOTHESIS_STORAGE_DIRECTORY=str(out / f"hypothesis-{name}"))
             cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                   f"--hypothesis-seed={a.seed + i}", str(HERE / "test_fuzz_backends.py"), "-k", select]
+                   f"--hypothesis-seed={a.seed + i}", *(str(HERE / f) for f in FILES), "-k", select]
             log = open(out / f"{name}.out", "w")
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     cwd=HERE.parent.parent, start_new_session=True)
@@ -120,7 +123,7 @@ def summarize(outs: list[Path], shards: list[dict] | None = None) -> dict:
             r["max_T"], r["max_E"] = max(r["max_T"], d["T"]), max(r["max_E"], d["E"])
             r["T0"] += d["T"] == 0
             r["grouped"] += d["grouped"]
-            r["nan_inf"] += d["nan"] or d["inf"]
+            r["nan_inf"] += d["nan"] or d["inf"] or d.get("special_bias", False)
             r["dtypes"][d["dtype"]] += 1
             r["x_layouts"][d["x_layout"]] += 1
             r["w_layouts"][d["w_layout"]] += 1

@@ -15,13 +15,15 @@ STOP = os.environ.get("MOJO_FUZZ_STOP")
 
 
 def _fields(case) -> dict:
-    inner = getattr(case, "case", case)            # a QuantCase wraps a Case
+    inner = getattr(case, "case", case)            # a QuantCase or a ReplayCase wraps a Case
     out = dict(T=inner.T, E=inner.E, K=inner.K, H=inner.H, I=inner.I, dtype=str(inner.dtype)[6:],
                grouped=inner.routing["num_expert_groups"] > 1, score_func=inner.routing["score_func"],
                x_layout=inner.x_layout, w_layout=inner.w_layout, nan=bool(inner.nan_rows),
-               inf=bool(inner.inf_rows), shared=inner.shared)
-    if inner is not case:
+               inf=bool(inner.inf_rows), shared=inner.shared, special_bias=bool(inner.special_bias))
+    if hasattr(case, "scheme"):
         out["scheme"] = case.scheme
+    if hasattr(case, "modes"):
+        out.update(microbatches=len(case.modes), ckpt=case.ckpt, outer=case.outer, offload=case.offload)
     return out
 
 

@@ -1,58 +1,52 @@
-"""A minimal vendor backend: overrides two ops, declines what it cannot serve.
+"""A minimal vendor backend: overrides two ops, declares what it serves, declines the rest.
 
-It is what a vendor's package looks like: no import of mojo_opset internals beyond the public
-``Backend``/``OpImpl`` API, registered only through the ``mojo_opset.backends`` entry point.
+It is what a vendor's package looks like: it imports only the public plugin API (``Backend``,
+``OpImpl``) and the op names, and is registered only through the ``mojo_opset.backends`` entry point.
 """
 import os
 
 import torch
 
 from mojo_opset import Backend, OpImpl
+from mojo_opset.contract import MOE_COMBINE, MOE_GATING
 
-CALLS = {"moe_combine": 0, "moe_gating": 0}
+CALLS = {MOE_COMBINE: 0, MOE_GATING: 0}
 
 
 class DemoCombine(OpImpl):
-    op = "moe_combine"
+    op = MOE_COMBINE
+    dtypes = (torch.float32, torch.bfloat16)   # a float16 call is declined: "dtype float16: serves ..."
 
-    def reasons(self, expert_out, pair_row, topk_weights, num_tokens):
-        if expert_out.dtype == torch.float16:
-            return ["dtype float16: the demo combine serves float32 and bfloat16 only"]
-        return []
-
-    def forward(self, expert_out, pair_row, topk_weights, num_tokens):
-        CALLS["moe_combine"] += 1
-        K = topk_weights.shape[1]
-        rows = expert_out.index_select(0, pair_row.long()).float().view(num_tokens, K, -1)
-        return torch.einsum("tkh,tk->th", rows, topk_weights.float()).to(expert_out.dtype)
+    def forward(self, call):
+        CALLS[MOE_COMBINE] += 1
+        T, K = call.topk_weights.shape
+        H = call.expert_out.shape[1]
+        rows = call.expert_out.index_select(0, call.pair_row.long()).float().view(T, K, H)
+        return torch.einsum("tkh,tk->th", rows, call.topk_weights.float()).to(call.expert_out.dtype)
 
 
 class DemoGating(OpImpl):
-    op = "moe_gating"
+    op = MOE_GATING
+    # softmax top-k with renormalisation and scale; any other option (sigmoid, expert bias, groups,
+    # router replay) is declined by the core with a reason naming it
+    options = frozenset({"route_norm", "route_scale"})
 
-    def reasons(self, logits, top_k, score_func, forced_expert_ids, num_expert_groups, expert_bias, **_):
-        out = []
-        if forced_expert_ids is not None:
-            out.append("forced_expert_ids (router replay) is not supported by the demo gating")
-        if score_func != "softmax":
-            out.append(f"score_func={score_func!r}: the demo gating serves softmax only")
-        if num_expert_groups > 1 or expert_bias is not None:
-            out.append("group-limited routing and expert bias are not supported by the demo gating")
-        return out
-
-    def forward(self, logits, top_k, score_func, route_norm, route_scale, **_):
-        CALLS["moe_gating"] += 1
-        scores = torch.softmax(logits.float(), dim=-1)
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :top_k]
-        w = scores.gather(1, order)
-        if route_norm:
+    def forward(self, call):
+        CALLS[MOE_GATING] += 1
+        r = call.routing
+        scores = torch.softmax(call.logits.float(), dim=-1)
+        choice = scores.masked_fill(scores.isnan(), float("-inf"))      # NaN ranks below every number
+        ids = torch.sort(choice, dim=-1, descending=True, stable=True).indices[:, :r.top_k]
+        w = scores.gather(1, ids)
+        if r.route_norm:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return order.to(torch.int32), w * route_scale, scores
+        return ids.to(torch.int32), w * r.route_scale, scores
 
 
 class DemoBackend(Backend):
     name = "demo"
     description = "demo vendor backend (tests only)"
+    api_version = "0.2"          # the plugin API this file was written for
     device_types = ("cpu",)
 
     def unavailable_reason(self):
@@ -61,4 +55,4 @@ class DemoBackend(Backend):
         return None
 
     def load(self):
-        return {"moe_combine": DemoCombine(), "moe_gating": DemoGating()}
+        return {MOE_COMBINE: DemoCombine(), MOE_GATING: DemoGating()}

@@ -1,0 +1,143 @@
+"""Dynamic activation quantization (SPEC §3.6): int8 per row, float8_e4m3 per row and 128 columns.
+
+The GEMMs of ``quant_gemm`` read 8-bit activations quantized here, once per matrix.  The results are
+the reference's bit for bit: ``s = max(amax, 1e-12) / qmax`` and ``x / s`` as correctly rounded
+divisions, round half to even, clamp.  A NaN counts as an infinite amax: the row's scale becomes inf,
+its codes zeros, and the GEMM's ``acc * s`` turns that into NaN, as the reference's NaN scale does.
+
+``deinterleave``: for the int4 GEMMs, a row is written with its even columns first, then its odd
+columns (``de_interleave_rows`` does the same for float rows).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+INT8_MAX = 127.0
+FP8_MAX = 448.0
+FP8_GROUP = 128
+
+
+@triton.jit
+def round_half_even(v):
+    # adding and subtracting 1.5 * 2**23 rounds a float32 of magnitude below 2**22 to an integer,
+    # ties to even (torch.round); libdevice's rint is not available in the interpreter
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def row_amax(a):
+    """Per-row max |a| of an fp32 tile ``[M, K]`` (NaN counts as inf)."""
+    return tl.max(tl.where(a == a, tl.abs(a), float("inf")), axis=1)
+
+
+@triton.jit
+def amax_to_scale(amax, QMAX: tl.constexpr):
+    return tl.math.div_rn(tl.maximum(amax, 1e-12), QMAX)
+
+
+@triton.jit
+def quant_int8(a, s):
+    """fp32 tile ``[M, K]`` and row scales ``[M]`` -> int8 codes in [-127, 127]."""
+    v = tl.math.div_rn(a, s[:, None])
+    v = tl.where(v == v, v, 0.0)
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    return round_half_even(v).to(tl.int8)
+
+
+@triton.jit
+def quant_fp8(a, s):
+    """fp32 tile ``[M, 128]`` and row scales ``[M]`` -> float8_e4m3 codes (the cast rounds to even)."""
+    v = tl.math.div_rn(a, s[:, None])
+    v = tl.where(v == v, v, 0.0)
+    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    return v.to(tl.float8e4nv)
+
+
+@triton.jit
+def _dest_cols(cols, K, DEINTERLEAVE: tl.constexpr):
+    if DEINTERLEAVE:
+        return cols // 2 + (cols % 2) * (K // 2)
+    return cols
+
+
+@triton.jit
+def _rows_int8_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk,
+                      BM: tl.constexpr, BK: tl.constexpr, DEINTERLEAVE: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    rmask = rows < M
+    offs = tl.arange(0, BK)
+    amax = tl.zeros([BM], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        m = rmask[:, None] & ((k0 + offs) < K)[None, :]
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + offs)[None, :] * stride_xk, mask=m, other=0.0)
+        amax = tl.maximum(amax, row_amax(a.to(tl.float32)))
+    s = amax_to_scale(amax, 127.0)
+    tl.store(s_ptr + rows, s, mask=rmask)
+    for k0 in range(0, K, BK):
+        m = rmask[:, None] & ((k0 + offs) < K)[None, :]
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + offs)[None, :] * stride_xk, mask=m, other=0.0)
+        dst = _dest_cols(k0 + offs, K, DEINTERLEAVE)
+        tl.store(q_ptr + rows[:, None] * K + dst[None, :], quant_int8(a.to(tl.float32), s), mask=m)
+
+
+@triton.jit
+def _deinterleave_kernel(x_ptr, y_ptr, M, K, stride_xm, stride_xk, BM: tl.constexpr, BK: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = (rows < M)[:, None] & (cols < K)[None, :]
+    v = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=m)
+    tl.store(y_ptr + rows[:, None] * K + _dest_cols(cols, K, True)[None, :], v, mask=m)
+
+
+@triton.jit
+def _rows_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, KB, stride_xm, stride_xk, BM: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    kb = tl.program_id(1)
+    rmask = rows < M
+    cols = kb * 128 + tl.arange(0, 128)
+    a = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                mask=rmask[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+    s = amax_to_scale(row_amax(a), 448.0)
+    tl.store(s_ptr + rows * KB + kb, s, mask=rmask)
+    tl.store(q_ptr + rows[:, None] * (KB * 128) + cols[None, :], quant_fp8(a, s), mask=rmask[:, None])
+
+
+def quantize_rows_int8(x: torch.Tensor, deinterleave: bool = False):
+    """``[M, K]`` float -> (int8 codes ``[M, K]``, fp32 scales ``[M]``), as the reference's
+    ``quantize_tokens_int8`` (codes de-interleaved when asked; K even)."""
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
+    s = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        BM = 4
+        BK = min(1024, triton.next_power_of_2(max(K, 16)))
+        _rows_int8_kernel[(triton.cdiv(M, BM),)](x, q, s, M, K, x.stride(0), x.stride(1), BM=BM, BK=BK,
+                                                 DEINTERLEAVE=deinterleave, num_warps=4)
+    return q, s
+
+
+def quantize_rows_fp8(x: torch.Tensor):
+    """``[M, K]`` float -> (float8_e4m3fn codes ``[M, KB*128]`` zero-padded, fp32 scales ``[M, KB]``),
+    KB = ceil(K/128), as the reference's ``quantize_tokens_fp8``."""
+    M, K = x.shape
+    KB = triton.cdiv(K, FP8_GROUP)
+    q = torch.empty(M, KB * FP8_GROUP, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(M, KB, dtype=torch.float32, device=x.device)
+    if M and KB:
+        BM = 8
+        _rows_fp8_kernel[(triton.cdiv(M, BM), KB)](x, q, s, M, K, KB, x.stride(0), x.stride(1), BM=BM,
+                                                   num_warps=4)
+    return q, s
+
+
+def deinterleave_rows(x: torch.Tensor) -> torch.Tensor:
+    """``[M, K]`` -> ``[M, K]`` with each row's even columns first, then its odd columns (K even)."""
+    M, K = x.shape
+    y = torch.empty(M, K, dtype=x.dtype, device=x.device)
+    if M and K:
+        BM, BK = 4, min(1024, triton.next_power_of_2(K))
+        _deinterleave_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BK))](x, y, M, K, x.stride(0), x.stride(1),
+                                                                      BM=BM, BK=BK, num_warps=4)
+    return y

@@ -1,0 +1,135 @@
+"""Tile configurations of the quantized fused experts, keyed by scheme as well as shape.
+
+A config is ``{"BLOCK_M": m, "up": {...}, "down": {...}}`` (each GEMM's dict: BLOCK_N, BLOCK_K,
+GROUP_M, num_warps, num_stages); BLOCK_M is shared because both GEMMs walk the same rows.  Tuned
+tables live in ``configs/quant/<gpu name>.json`` (``python -m mojo_opset_triton.quant_tune``) and map
+``scheme/dtype/E.._H.._I.._K.._g..`` to configs per token count; a lookup takes the nearest token
+count on a log scale; shapes without an entry use :func:`heuristic`.
+
+Every config is passed through :func:`legalize`, which enforces what the kernels need: fp8 steps are
+one 128-column block and column tiles divide 128; int4 steps hold whole bytes and a power-of-two
+number of groups; 8-bit dots need K >= 32 per dot (int4 makes a step two half-K dots).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+
+import torch
+
+from .configs import _device_info, gpu_file_name, nearest
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs", "quant")
+
+INTERPRETER = {"BLOCK_M": 16,
+               "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1},
+               "down": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}}
+
+# scheme -> (weight format, activation format or None)
+FORMATS = {"w8a8_int8": ("int8", "int8"), "w4a8_int4": ("int4", "int8"), "w8a16_int8": ("int8", None),
+           "w4a16_int4": ("int4", None), "w8a8_fp8_block": ("fp8", "fp8")}
+
+
+def shape_key(scheme: str, dtype: torch.dtype, E: int, H: int, I: int, K: int, group: int | None) -> str:
+    return f"{scheme}/{str(dtype).replace('torch.', '')}/E{E}_H{H}_I{I}_K{K}_g{group or 0}"
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def legalize(cfg: dict, scheme: str, group: int | None, a_bytes: int) -> dict:
+    """A copy of ``cfg`` adjusted to the kernels' constraints for ``scheme``."""
+    wf, af = FORMATS[scheme]
+    out = {"BLOCK_M": cfg["BLOCK_M"]}
+    for name in ("up", "down"):
+        c = dict(cfg[name])
+        bk, bn = c["BLOCK_K"], c["BLOCK_N"]
+        if wf == "fp8":
+            bk = 128
+            bn = min(128, _pow2_floor(bn))
+        elif wf == "int4":
+            lo = 64 if af == "int8" else 32          # each half-K dot needs 32 int8 / 16 half columns
+            bk = max(lo, _pow2_floor(bk))
+            g = group or 128
+            if g < bk:
+                bk = max(lo, min(bk, 8 * g))         # at most 8 groups unrolled per step
+        elif af == "int8":
+            bk = max(32, bk)
+        elif a_bytes == 4:
+            bk = min(bk, 64)
+        c["BLOCK_K"], c["BLOCK_N"] = bk, bn
+        out[name] = c
+    return out
+
+
+def heuristic(scheme: str, T: int, E: int, H: int, I: int, K: int, group: int | None,
+              dtype: torch.dtype, num_sms: int = 132) -> dict:
+    """Defaults by rows per active expert.  Decode sizes stream the weights: thin row blocks, wide K
+    steps (bytes in flight), narrow column tiles when there would be too few programs; large sizes
+    are compute-bound: 128-row tiles (the up GEMM's two accumulators on 64 columns each)."""
+    wf, af = FORMATS[scheme]
+    pairs = T * K
+    active = max(1, min(E, pairs))
+    m = pairs / active
+    if m <= 16:
+        bm, warps, stages, gm = 16, 4, 4, 1
+    elif m <= 32:
+        bm, warps, stages, gm = 32, 4, 4, 1
+    elif m <= 96:
+        bm, warps, stages, gm = 64, 4, 4, 8
+    else:
+        bm, warps, stages, gm = 128, 8, 3, 8
+    decode = bm <= 32
+    if wf == "fp8" or af == "int8":
+        bk = 128
+    else:
+        bk = 128 if decode else 64
+    if wf == "int4" and decode:
+        stages = 5          # half the bytes per K step of int8: a deeper pipeline keeps as many in flight
+    if dtype == torch.float32:
+        stages = min(stages, 2)
+
+    def gemm(n_out: int, up: bool) -> dict:
+        # the up GEMM holds two accumulators (gate, up): half the columns keep it in registers
+        bn = 64 if m <= 96 or up else 128
+        if decode and active * math.ceil(n_out / bn) < 2 * num_sms:
+            bn = 32
+        return {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "num_warps": warps, "num_stages": stages}
+
+    cfg = {"BLOCK_M": bm, "up": gemm(I, True), "down": gemm(H, False)}
+    return legalize(cfg, scheme, group, torch.empty((), dtype=dtype).element_size())
+
+
+@functools.lru_cache(maxsize=None)
+def _load_table(device_name: str) -> dict:
+    path = os.path.join(CONFIG_DIR, gpu_file_name(device_name))
+    try:
+        with open(path) as f:
+            return json.load(f).get("configs", {})
+    except (OSError, ValueError):
+        return {}
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(device_name: str, num_sms: int, scheme: str, T: int, E: int, H: int, I: int, K: int,
+            group: int | None, dtype: torch.dtype) -> dict:
+    hit = nearest(_load_table(device_name).get(shape_key(scheme, dtype, E, H, I, K, group), {}), T)
+    if hit is not None:
+        return legalize(hit, scheme, group, torch.empty((), dtype=dtype).element_size())
+    return heuristic(scheme, T, E, H, I, K, group, dtype, num_sms)
+
+
+def get_quant_config(x: torch.Tensor, scheme: str, T: int, E: int, H: int, I: int, K: int,
+                     group: int | None) -> dict:
+    if x.device.type != "cuda":
+        return legalize(INTERPRETER, scheme, group, x.element_size())
+    name, sms = _device_info(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    return _lookup(name, sms, scheme, T, E, H, I, K, group, x.dtype)
+
+
+def clear_cache() -> None:
+    _load_table.cache_clear()
+    _lookup.cache_clear()

@@ -1,0 +1,263 @@
+"""Quantized fused grouped GEMMs of the MoE experts, over expert-sorted, block-aligned rows.
+
+One kernel serves both projections (``UP``) of every scheme, the format chosen by constexprs:
+
+* weights ``WFMT``: 0 int8 per output channel (the scale multiplies the accumulator columns in the
+  epilogue), 1 int4 packed two per byte along K with per-(row, group) scales (each group's partial
+  dot is scaled as it is added), 2 float8_e4m3 with 128x128 block scales (one block per K step,
+  promoted into the fp32 accumulator per block, DeepSeek-V3's recipe);
+* activations ``AFMT``: 0 the input dtype (weight-only schemes: codes are converted to it, exactly),
+  1 int8 codes with a scale per row (int8 x int8 tensor-core dots accumulating int32), 2 float8_e4m3
+  codes with a scale per row and 128 columns.  8-bit activations are quantized once, before the GEMM,
+  by the row kernels of ``quant_act`` (quantizing A tiles inside the GEMM serialises a division per
+  element behind each load and was measured 2-4x slower at decode sizes).
+
+``UP``: A rows are gathered from x at ``pair // K``; gate and up columns accumulate side by side and
+SwiGLU is applied in the epilogue (rounded to the activation dtype before and after, as the reference).
+Otherwise: the down projection over the intermediate rows, with the router weight of each pair
+applied in the epilogue, stored per pair (or per token when K == 1).
+
+int4: byte j of a row holds codes 2j (low nibble) and 2j+1 (high nibble), so a K step is two dots:
+the even columns of A with the low nibbles and the odd columns with the high ones.  For int4 schemes
+A is therefore kept *de-interleaved*: each row holds its even columns in ``[0, K/2)`` and its odd ones
+in ``[K/2, K)`` (the row kernels write x that way, the up projection writes the intermediate that way),
+so both halves are plain contiguous tiles.  A group (even size) never separates the two codes of a
+byte; when a K step spans several groups, each group's dots see only its columns (A masked).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .fused_experts import _tile_ids
+
+W_INT8, W_INT4, W_FP8 = 0, 1, 2
+A_FLOAT, A_INT8, A_FP8 = 0, 1, 2
+
+
+@triton.jit
+def _fdot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load(ptrs, mask, FP8: tl.constexpr, ZERO: tl.constexpr):
+    """A masked load; ``ZERO``: masked elements must read as zeros (a K tail).  Triton has no fp8
+    ``other``, so fp8 then goes through its bytes (which keeps the load out of the pipeliner: only
+    K tails take that path); masked columns and rows are never stored, so they may hold anything."""
+    if FP8:
+        if ZERO:
+            v = tl.load(ptrs.to(tl.pointer_type(tl.uint8)), mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
+        else:
+            v = tl.load(ptrs, mask=mask)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0)
+    return v
+
+
+@triton.jit
+def _int4_groups(acc, a_ev, a_od, lo, hi, s_ptrs, stride_sk, kstep, kw_left, mask_n,
+                 AFMT: tl.constexpr, G: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DT: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """``acc += sum_g s[:, g] * (A_g @ W_g)`` over the groups of one K step (int4 codes lo/hi)."""
+    if AFMT == 0:
+        lo = lo.to(DOT_DT)
+        hi = hi.to(DOT_DT)
+    if G >= BLOCK_K:
+        s = tl.load(s_ptrs + ((kstep * BLOCK_K) // G) * stride_sk, mask=mask_n, other=0.0)
+        if AFMT == 0:
+            part = _fdot(a_ev, lo, tl.zeros(acc.shape, dtype=tl.float32), IEEE)
+            part = _fdot(a_od, hi, part, IEEE)
+        else:
+            part = tl.dot(a_ev, lo, out_dtype=tl.int32)
+            part = tl.dot(a_od, hi, part, out_dtype=tl.int32).to(tl.float32)
+        acc += part * s[None, :]
+    else:
+        grp = tl.arange(0, BLOCK_K // 2) // (G // 2)        # packed row j belongs to group j // (G/2)
+        g0 = kstep * (BLOCK_K // G)
+        for g in tl.static_range(BLOCK_K // G):
+            # the scalar condition joins the block through a boolean block: Triton 3.9's interpreter
+            # rejects a mask made by splatting a scalar comparison (the compiled code is the same)
+            in_k = tl.zeros_like(mask_n) | ((g * (G // 2)) < kw_left)
+            s = tl.load(s_ptrs + (g0 + g) * stride_sk, mask=mask_n & in_k, other=0.0)
+            sel = (grp == g)[None, :]
+            ae = tl.where(sel, a_ev, tl.zeros_like(a_ev))
+            ao = tl.where(sel, a_od, tl.zeros_like(a_od))
+            if AFMT == 0:
+                part = _fdot(ae, lo, tl.zeros(acc.shape, dtype=tl.float32), IEEE)
+                part = _fdot(ao, hi, part, IEEE)
+            else:
+                part = tl.dot(ae, lo, out_dtype=tl.int32)
+                part = tl.dot(ao, hi, part, out_dtype=tl.int32).to(tl.float32)
+            acc += part * s[None, :]
+    return acc
+
+
+@triton.jit
+def _mma(acc, a, a_ev, a_od, sa, w_ptrs, s_ptrs, stride_sk, kstep, kw_left, mask_n,
+         WFMT: tl.constexpr, AFMT: tl.constexpr, G: tl.constexpr, BLOCK_K: tl.constexpr,
+         EVEN_K: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr):
+    """``acc`` plus one K step of A @ W^T for one weight matrix (see the module docstring)."""
+    PACK: tl.constexpr = 2 if WFMT == 1 else 1
+    offs_kw = tl.arange(0, BLOCK_K // PACK)
+    if EVEN_K:
+        w = _load(w_ptrs, mask_n[None, :], WFMT == 2, False)
+    else:
+        w = _load(w_ptrs, (offs_kw < kw_left)[:, None] & mask_n[None, :], WFMT == 2, True)
+    if WFMT == 0:
+        if AFMT == 0:
+            acc = _fdot(a, w.to(DOT_DT), acc, IEEE)
+        else:
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    elif WFMT == 2:
+        sw = tl.load(s_ptrs + kstep * stride_sk)
+        acc += tl.dot(a, w) * sa[:, None] * sw
+    else:
+        wi = w.to(tl.int8, bitcast=True)
+        hi = wi >> 4                    # arithmetic shifts sign-extend the nibbles
+        lo = (wi << 4) >> 4
+        acc = _int4_groups(acc, a_ev, a_od, lo, hi, s_ptrs, stride_sk, kstep, kw_left, mask_n,
+                           AFMT, G, BLOCK_K, DOT_DT, IEEE)
+    return acc
+
+
+@triton.jit
+def _dequant(acc, sa, s_ptrs, mask_n, WFMT: tl.constexpr, AFMT: tl.constexpr):
+    """The fp32 GEMM result from the accumulator (int8 weights: the per-channel and per-row scales)."""
+    y = acc
+    if WFMT == 0:
+        s = tl.load(s_ptrs, mask=mask_n, other=0.0)
+        if AFMT == 1:
+            y = acc.to(tl.float32) * sa[:, None] * s[None, :]
+        else:
+            y = acc * s[None, :]
+    elif WFMT == 1:
+        if AFMT == 1:
+            y = acc * sa[:, None]
+    return y
+
+
+@triton.jit(do_not_specialize=["num_m"])
+def _qgemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, row_src_ptr, block_expert_ptr, weight_ptr,
+                  num_m, N, K, TOPK,
+                  stride_am, stride_ak, stride_sam, stride_sak,
+                  stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
+                  UP: tl.constexpr, PER_TOKEN: tl.constexpr, WFMT: tl.constexpr, AFMT: tl.constexpr,
+                  G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr):
+    PACK: tl.constexpr = 2 if WFMT == 1 else 1
+    pid = tl.program_id(0)
+    pid_m, pid_n = _tile_ids(pid, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    src = tl.load(row_src_ptr + offs_m)
+    valid_m = src >= 0
+    if UP:
+        rows = tl.where(valid_m, src // TOPK, 0).to(tl.int64)
+    else:
+        rows = offs_m
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    n64 = offs_n.to(tl.int64)
+    offs_ka = tl.arange(0, BLOCK_K // PACK)     # A columns of one K step (per half for int4)
+    e64 = e.to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_ka[None, :] * stride_ak
+    KH = K // PACK                              # int4: the odd columns start here
+    w_base = w_ptr + e64 * stride_we + offs_ka[:, None] * stride_wk
+    w1_ptrs = w_base + n64[None, :] * stride_wn
+    w3_ptrs = w_base + (n64 + N)[None, :] * stride_wn       # up rows follow the gate rows
+    s_base = sw_ptr + e64 * stride_se
+    if WFMT == 2:                                           # one 128-row block per column tile
+        s1_ptrs = s_base + ((pid_n * BLOCK_N) // 128) * stride_sn
+        s3_ptrs = s1_ptrs + (N // 128) * stride_sn
+    else:
+        s1_ptrs = s_base + n64 * stride_sn
+        s3_ptrs = s_base + (n64 + N) * stride_sn
+    sa = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if AFMT == 1:
+        sa = tl.load(sa_ptr + rows * stride_sam)
+
+    ACC_INT: tl.constexpr = (WFMT == 0) & (AFMT == 1)
+    if ACC_INT:
+        acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    else:
+        acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        kw_left = KH - k * (BLOCK_K // PACK)                # A columns (int4: per half) left
+        if AFMT == 2:
+            a = tl.load(a_ptrs)           # zero-padded to whole 128-column groups; invalid rows read row 0
+            sa = tl.load(sa_ptr + rows * stride_sam + k * stride_sak)
+        elif EVEN_K:
+            a = tl.load(a_ptrs, mask=valid_m[:, None], other=0)
+        else:
+            a = tl.load(a_ptrs, mask=valid_m[:, None] & (offs_ka < kw_left)[None, :], other=0)
+        if WFMT == 1:
+            a_ev = a
+            if EVEN_K:
+                a_od = tl.load(a_ptrs + KH * stride_ak, mask=valid_m[:, None], other=0)
+            else:
+                a_od = tl.load(a_ptrs + KH * stride_ak, mask=valid_m[:, None] & (offs_ka < kw_left)[None, :],
+                               other=0)
+            if AFMT == 0:
+                a_ev = a_ev.to(DOT_DT)
+                a_od = a_od.to(DOT_DT)
+        else:
+            a_od = a
+            if AFMT == 0:
+                a = a.to(DOT_DT)
+            a_ev = a
+        acc1 = _mma(acc1, a, a_ev, a_od, sa, w1_ptrs, s1_ptrs, stride_sk, k, kw_left, mask_n,
+                    WFMT, AFMT, G, BLOCK_K, EVEN_K, DOT_DT, IEEE)
+        if UP:
+            acc3 = _mma(acc3, a, a_ev, a_od, sa, w3_ptrs, s3_ptrs, stride_sk, k, kw_left, mask_n,
+                        WFMT, AFMT, G, BLOCK_K, EVEN_K, DOT_DT, IEEE)
+        a_ptrs += (BLOCK_K // PACK) * stride_ak
+        w1_ptrs += (BLOCK_K // PACK) * stride_wk
+        w3_ptrs += (BLOCK_K // PACK) * stride_wk
+
+    dt = out_ptr.dtype.element_ty
+    y1 = _dequant(acc1, sa, s1_ptrs, mask_n, WFMT, AFMT).to(dt).to(tl.float32)
+    if UP:
+        up = _dequant(acc3, sa, s3_ptrs, mask_n, WFMT, AFMT).to(dt).to(tl.float32)
+        act = y1 / (1.0 + tl.exp(-y1)) * up
+        col = offs_n
+        if WFMT == 1:                       # the down projection reads its A de-interleaved
+            col = offs_n // 2 + (offs_n % 2) * (N // 2)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + col[None, :], act.to(dt), mask=mask_n[None, :])
+    else:
+        wt = tl.load(weight_ptr + src, mask=valid_m, other=0.0)
+        y = y1 * wt[:, None]
+        dst = src.to(tl.int64)
+        if PER_TOKEN:
+            dst = dst // TOPK
+        tl.store(out_ptr + dst[:, None] * stride_om + offs_n[None, :], y.to(dt),
+                 mask=valid_m[:, None] & mask_n[None, :])
+
+
+def launch(a, sa, w, sw, out, row_src, block_expert, weights_flat, *, up, per_token, top_k, N, K,
+           wfmt, afmt, group, cfg, dot_dt, ieee):
+    """One projection: ``a`` rows (x's dtype, or 8-bit codes with scales ``sa``; de-interleaved for
+    int4) x the experts' quantized ``w``."""
+    R = row_src.shape[0]
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    num_m = R // bm
+    if num_m == 0:
+        return
+    grid = (num_m * triton.cdiv(N, bn),)
+    if sa is None:
+        sa = sw                                   # unused: any pointer
+    s_am = sa.stride(0) if sa.dim() >= 1 else 0
+    s_ak = sa.stride(1) if sa.dim() == 2 else 0
+    s_sk = sw.stride(2) if sw.dim() == 3 else 0
+    _qgemm_kernel[grid](a, sa, w, sw, out, row_src, block_expert, weights_flat, num_m, N, K, top_k,
+                        a.stride(0), a.stride(1), s_am, s_ak,
+                        w.stride(0), w.stride(1), w.stride(2), sw.stride(0), sw.stride(1), s_sk, out.stride(0),
+                        UP=up, PER_TOKEN=per_token, WFMT=wfmt, AFMT=afmt, G=group or 128,
+                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=K % bk == 0,
+                        DOT_DT=dot_dt, IEEE=ieee, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -1,0 +1,113 @@
+"""The quantized fused MoE forward: align -> quantized up GEMM (gather, SwiGLU) -> quantized down GEMM
+(router weight) -> combine, reusing the bf16 path's align and combine kernels; no host synchronisation.
+
+Also the quantized experts over rows already permuted by ``moe_permute`` (each row its own pair of
+top-1 with weight 1, its expert found from the group ends on the device), and the reasons a call
+cannot be served."""
+from __future__ import annotations
+
+import torch
+import triton.language as tl
+
+from ._env import device_reason
+from .align import MAX_EXPERTS, align_pairs, gemm_rows
+from .combine import sum_pairs
+from .moe import kernel_flags
+from .quant_act import deinterleave_rows, quantize_rows_fp8, quantize_rows_int8
+from .quant_configs import FORMATS, get_quant_config
+from .quant_gemm import A_FLOAT, A_FP8, A_INT8, W_FP8, W_INT4, W_INT8, launch
+
+_W = {"int8": W_INT8, "int4": W_INT4, "fp8": W_FP8}
+_A = {None: A_FLOAT, "int8": A_INT8, "fp8": A_FP8}
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_FLOATS = tuple(_TL)
+MIN_INT4_GROUP = 16
+
+
+def quant_reasons(x: torch.Tensor, scheme: str, group_size: int | None, num_experts: int) -> list[str]:
+    """Why the kernels cannot serve a call (empty when they can); cheap, no device sync."""
+    out = []
+    r = device_reason(x)
+    if r:
+        out.append(r)
+    if scheme not in FORMATS:
+        out.append(f"scheme {scheme!r} has no kernel")
+        return out
+    if x.dtype not in _FLOATS:
+        out.append(f"x dtype {str(x.dtype).replace('torch.', '')} is not served (bfloat16, float16, float32)")
+    wf, _af = FORMATS[scheme]
+    if wf == "fp8":
+        if x.device.type == "cpu":
+            out.append("float8_e4m3 is not supported by the Triton interpreter (fp8 runs on the GPU)")
+        elif x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 9):
+            out.append("float8_e4m3 tensor-core dots need compute capability 8.9 or newer")
+    if wf == "int4":
+        g = group_size or 128
+        if g < MIN_INT4_GROUP or g & (g - 1):
+            out.append(f"int4 group_size {g} is not served (powers of two >= {MIN_INT4_GROUP})")
+    if num_experts > MAX_EXPERTS:
+        out.append(f"E = {num_experts} experts is over the align kernel's limit of {MAX_EXPERTS}")
+    return out
+
+
+def _a_operand(a: torch.Tensor, afmt: int, deinterleave: bool):
+    """The GEMM's A: 8-bit codes and scales, or the float rows; int4 GEMMs read them de-interleaved
+    (``deinterleave`` False: the rows already are)."""
+    if afmt == A_INT8:
+        return quantize_rows_int8(a, deinterleave)
+    if afmt == A_FP8:
+        return quantize_rows_fp8(a)
+    return (deinterleave_rows(a) if deinterleave else a), None
+
+
+def quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_s, w2_q, w2_s, group_size, cfg=None):
+    """Routed-expert output ``[T, H]`` in x's dtype for quantized experts (codes and scales as held by
+    ``QuantizedExperts``); ids outside ``[0, E)`` contribute nothing."""
+    T, H = x.shape
+    K = topk_ids.shape[1]
+    E, I = w13_q.shape[0], w13_q.shape[1] // 2
+    if T == 0:
+        return x.new_empty(0, H)
+    wf, af = FORMATS[scheme]
+    wfmt, afmt = _W[wf], _A[af]
+    group = group_size if wf == "int4" else None
+    cfg = cfg or get_quant_config(x, scheme, T, E, H, I, K, group)
+    bm = cfg["BLOCK_M"]
+    ids = topk_ids.to(torch.int32).contiguous()
+    P = T * K
+    R = gemm_rows(P, E, bm)
+    _, _, row_src, _, block_expert = align_pairs(ids, E, bm, R, bm)
+    upcast, ieee = kernel_flags(x)
+    common = dict(top_k=K, wfmt=wfmt, afmt=afmt, group=group, dot_dt=tl.float32 if upcast else _TL[x.dtype],
+                  ieee=ieee)
+    int4 = wfmt == W_INT4
+
+    a, sa = _a_operand(x, afmt, int4)
+    inter = torch.empty(R, I, dtype=x.dtype, device=x.device)     # de-interleaved for int4
+    launch(a, sa, w13_q, w13_s, inter, row_src, block_expert, row_src, up=True, per_token=False, N=I, K=H,
+           cfg=dict(cfg["up"], BLOCK_M=bm), **common)
+
+    a, sa = _a_operand(inter, afmt, False)
+    w_flat = topk_weights.to(torch.float32).contiguous().view(-1)
+    down = dict(cfg["down"], BLOCK_M=bm)
+    if K == 1:
+        out = torch.zeros(T, H, dtype=x.dtype, device=x.device)   # ids out of range leave zeros
+        launch(a, sa, w2_q, w2_s, out, row_src, block_expert, w_flat, up=False, per_token=True, N=H, K=I,
+               cfg=down, **common)
+        return out
+    y_pairs = torch.empty(P, H, dtype=x.dtype, device=x.device)
+    launch(a, sa, w2_q, w2_s, y_pairs, row_src, block_expert, w_flat, up=False, per_token=False, N=H, K=I,
+           cfg=down, **common)
+    return sum_pairs(y_pairs, ids, E, x.dtype)
+
+
+def quant_experts_rows(permuted_x, group_ends, scheme, w13_q, w13_s, w2_q, w2_s, group_size):
+    """The quantized experts on expert-sorted rows (``moe_quant_experts``): ``[R, H]``, zero past
+    ``group_ends[-1]``.  Row r belongs to the expert whose group holds it; padding rows are zero rows,
+    which every scheme maps to zero outputs."""
+    R = permuted_x.shape[0]
+    rows = torch.arange(R, dtype=torch.int32, device=permuted_x.device)
+    expert = torch.searchsorted(group_ends.to(torch.int32).contiguous(), rows, right=True).to(torch.int32)
+    ones = torch.ones(R, 1, dtype=torch.float32, device=permuted_x.device)
+    return quant_fused_moe_forward(permuted_x, expert.unsqueeze(1), ones, scheme, w13_q, w13_s, w2_q, w2_s,
+                                   group_size)

@@ -1,0 +1,100 @@
+"""Tune the quantized fused-experts configs on this GPU, per scheme and shape.
+
+    python -m mojo_opset_triton.quant_tune                        # every scheme, the bench models
+    python -m mojo_opset_triton.quant_tune --schemes w8a8_int8 --shapes qwen3 --tokens 1 64
+
+For each scheme, model shape and token count it times the quantized routed-expert forward (given
+routed ids) of a few candidate configs around :func:`quant_configs.heuristic` (T <= 256 replayed from
+a CUDA graph, with ``tune.py``'s timer) and writes the fastest to ``configs/quant/<gpu>.json``
+(merged with what is there).  Weights are quantized a few experts at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from mojo_opset.tools.bench_models import DEFAULT_MODELS, resolve
+
+from .configs import gpu_file_name
+from .quant_configs import CONFIG_DIR, FORMATS, clear_cache, heuristic, legalize, shape_key
+from .quant_moe import quant_fused_moe_forward
+from .tune import DEVICE, TOKENS, make_case, make_timer, time_ms
+
+
+def candidates(base: dict, scheme: str, group, a_bytes: int) -> list[dict]:
+    """The heuristic and its neighbours: column tile, K step, pipeline depth, warps."""
+    out = [base]
+    for gemm in ("up", "down"):
+        c = base[gemm]
+        for change in ({"BLOCK_N": max(16, c["BLOCK_N"] // 2)}, {"BLOCK_N": min(128, c["BLOCK_N"] * 2)},
+                       {"BLOCK_K": c["BLOCK_K"] * 2}, {"BLOCK_K": max(32, c["BLOCK_K"] // 2)},
+                       {"num_stages": c["num_stages"] + 1}, {"num_warps": 8 if c["num_warps"] == 4 else 4}):
+            out.append(dict(base, **{gemm: dict(c, **change)}))
+    uniq = {json.dumps(legalize(c, scheme, group, a_bytes), sort_keys=True) for c in out}
+    return [json.loads(u) for u in sorted(uniq)]
+
+
+def quantize(w13, w2, scheme, chunk=16):
+    from mojo_opset.tools.bench_quant import quantize_chunked
+
+    return quantize_chunked(w13, w2, scheme, chunk)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--schemes", nargs="+", default=list(FORMATS))
+    ap.add_argument("--shapes", nargs="+", default=list(DEFAULT_MODELS))
+    ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    ap.add_argument("--out", help="output JSON (default: configs/quant/<gpu>.json)")
+    args = ap.parse_args(argv)
+    name = torch.cuda.get_device_name(DEVICE)
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    path = args.out or os.path.join(CONFIG_DIR, gpu_file_name(name))
+    table = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            table = json.load(f).get("configs", {})
+    timer = make_timer()
+    dtype = torch.bfloat16
+    for model in resolve(args.shapes):
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        w13 = torch.randn(model.E, 2 * model.I, model.H, device=DEVICE, dtype=dtype, generator=g) / model.H ** 0.5
+        w2 = torch.randn(model.E, model.H, model.I, device=DEVICE, dtype=dtype, generator=g) / model.I ** 0.5
+        for scheme in args.schemes:
+            q = quantize(w13, w2, scheme)
+            group = q.group_size if FORMATS[scheme][0] == "int4" else None
+            key = shape_key(scheme, dtype, model.E, model.H, model.I, model.K, group)
+            for T in args.tokens:
+                x, ids, w = make_case(model, T)
+                base = heuristic(scheme, T, model.E, model.H, model.I, model.K, group, dtype, sms)
+                best = None
+                for cfg in candidates(base, scheme, group, 2):
+                    def fn(cfg=cfg):
+                        return quant_fused_moe_forward(x, ids, w, scheme, q.w13_q, q.w13_scale, q.w2_q,
+                                                       q.w2_scale, q.group_size, cfg=cfg)
+                    try:
+                        ms = time_ms(timer, fn, T)
+                    except Exception as exc:   # a config the compiler rejects (resources) is skipped
+                        print(f"  skip {cfg}: {type(exc).__name__}")
+                        continue
+                    if best is None or ms < best[0]:
+                        best = (ms, cfg)
+                base_ms = time_ms(timer, lambda: quant_fused_moe_forward(
+                    x, ids, w, scheme, q.w13_q, q.w13_scale, q.w2_q, q.w2_scale, q.group_size, cfg=base), T)
+                print(f"{scheme} {model.name} T={T}: heuristic {base_ms:.4g} ms, best {best[0]:.4g} ms", flush=True)
+                table.setdefault(key, {})[str(T)] = best[1]
+            del q
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"device": name, "configs": table}, f, indent=1, sort_keys=True)
+        f.write("\n")
+    clear_cache()
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

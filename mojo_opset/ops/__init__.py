@@ -1,1 +1,0 @@
-"""Op interfaces and their torch reference implementations (the definition of correct)."""

@@ -1,0 +1,238 @@
+"""The triton backend's quantized MoE kernels against the exact quantized reference.
+
+On CPU the kernels run in the Triton interpreter (tiny shapes; fp32/fp16 activations; no float8 there,
+so the fp8 scheme is checked on the GPU only); on a GPU every scheme and bf16 are checked too."""
+import pytest
+import torch
+
+import mojo_opset as mo
+from mojo_opset.quant import quant_experts_reference, quantize_experts
+from mojo_opset.quant.activations import quantize_tokens_fp8, quantize_tokens_int8
+
+pytestmark = pytest.mark.skipif(not mo.available_backends().get("triton", {}).get("available"),
+                                reason="triton backend unavailable")
+
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+INT_SCHEMES = ("w8a16_int8", "w8a8_int8", "w4a16_int4", "w4a8_int4")
+SCHEMES = INT_SCHEMES + (("w8a8_fp8_block",) if GPU else ())
+DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if GPU else ())
+
+
+def _qm():
+    from mojo_opset_triton import quant_moe
+
+    return quant_moe
+
+
+def _tol(scheme, dtype):
+    if dtype == torch.float32:
+        # int sums are exact; fp8 tensor-core block sums are not (the reference sums in float64)
+        return dict(rtol=2e-3, atol=2e-3) if "fp8" in scheme else dict(rtol=1e-4, atol=1e-4)
+    return dict(rtol=3e-2, atol=3e-2)
+
+
+def _problem(T, H, I, E, K, scheme, dtype, group=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(DEV, dtype)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(DEV)
+    w2 = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(DEV)
+    q = quantize_experts(w13, w2, scheme, group_size=group)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(DEV, torch.int32)
+    w = torch.rand(T, K, generator=g).to(DEV)
+    return x, ids, w, q
+
+
+def _run(x, ids, w, q, cfg=None):
+    return _qm().quant_fused_moe_forward(x, ids, w, q.scheme, q.w13_q, q.w13_scale, q.w2_q, q.w2_scale,
+                                         q.group_size, cfg=cfg)
+
+
+WIDE = {"BLOCK_M": 32, "up": {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 2, "num_warps": 4, "num_stages": 2},
+        "down": {"BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}}
+
+
+def _cfg(x, q, tiles):
+    """The device's default config, or wide K steps (several int4 groups per step, K tails)."""
+    if tiles == "default":
+        return None
+    from mojo_opset_triton.quant_configs import legalize
+
+    return legalize(WIDE, q.scheme, q.group_size if "int4" in q.scheme else None, x.element_size())
+
+
+def _shapes(scheme):
+    if "fp8" in scheme:
+        return [(5, 64, 128, 4, 2, None), (3, 200, 128, 3, 1, None)]    # H not a multiple of 128
+    if "int4" in scheme:
+        return [(5, 64, 32, 4, 2, 32), (7, 64, 64, 6, 3, 16), (3, 48, 32, 4, 1, 16)]
+    return [(5, 64, 32, 4, 2, None), (7, 48, 40, 6, 3, None), (3, 32, 16, 4, 1, None)]
+
+
+@pytest.mark.parametrize("tiles", ["default", "wide"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fused_forward_matches_reference(scheme, dtype, tiles):
+    for i, (T, H, I, E, K, group) in enumerate(_shapes(scheme)):
+        x, ids, w, q = _problem(T, H, I, E, K, scheme, dtype, group, seed=i)
+        y = _run(x, ids, w, q, _cfg(x, q, tiles))
+        ref = quant_experts_reference(x, ids, w, q)
+        assert y.dtype == dtype and y.shape == x.shape
+        torch.testing.assert_close(y, ref, **_tol(scheme, dtype), msg=lambda m: f"{scheme} {T, H, I, E, K}: {m}")
+
+
+def test_int8_row_quantization_is_the_reference():
+    from mojo_opset_triton.quant_act import deinterleave_rows, quantize_rows_int8
+
+    x = torch.randn(9, 70).to(DEV) * torch.rand(9, 1).to(DEV) * 10
+    x[3] = 0.0                                               # an all-zero row: tiny scale, zero codes
+    x[5, :7] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, 63.5, -127.0])  # ties relative to the scale
+    q, s = quantize_rows_int8(x)
+    q_ref, s_ref = quantize_tokens_int8(x)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q, q_ref)
+    qd, sd = quantize_rows_int8(x, deinterleave=True)         # what the int4 GEMMs read
+    assert torch.equal(sd, s_ref)
+    assert torch.equal(qd, torch.cat([q_ref[:, 0::2], q_ref[:, 1::2]], 1))
+    assert torch.equal(deinterleave_rows(x[:, :68]), torch.cat([x[:, 0:68:2], x[:, 1:68:2]], 1))
+
+
+@pytest.mark.gpu
+def test_fp8_row_quantization_is_the_reference():
+    from mojo_opset_triton.quant_act import quantize_rows_fp8
+
+    x = torch.randn(6, 300, device="cuda") * 5
+    x[2, 128:256] = 0.0
+    q, s = quantize_rows_fp8(x)
+    q_ref, s_ref = quantize_tokens_fp8(x)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_nan_token_and_out_of_range_ids(scheme):
+    T, H, I, E, K, group = _shapes(scheme)[0]
+    x, ids, w, q = _problem(T, H, I, E, K, scheme, torch.float32, group, seed=3)
+    x[1, 3] = float("nan")
+    ids[2, 0] = -1
+    ids[4, 1] = E + 2
+    y = _run(x, ids, w, q)
+    assert torch.isnan(y[1]).all()
+    bad = (ids < 0) | (ids >= E)
+    ref = quant_experts_reference(x, torch.where(bad, 0, ids), torch.where(bad, 0.0, w), q)
+    keep = torch.ones(T, dtype=torch.bool, device=DEV)
+    keep[1] = False
+    torch.testing.assert_close(y[keep], ref[keep], **_tol(scheme, torch.float32))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_permuted_rows_match_reference(scheme):
+    """moe_quant_experts: rows already sorted by expert and padded to an alignment."""
+    T, H, I, E, K, group = _shapes(scheme)[0]
+    dtype = torch.float16
+    x, ids, w, q = _problem(T, H, I, E, K, scheme, dtype, group, seed=4)
+    counts = torch.bincount(ids.flatten().long(), minlength=E)
+    padded = (counts + 7) // 8 * 8
+    ends = torch.cumsum(padded, 0).to(torch.int32)
+    R = int(padded.sum()) + 5                                  # rows past the last group stay zero
+    px = torch.zeros(R, H, dtype=dtype, device=DEV)
+    row_expert = torch.full((R,), -1, dtype=torch.int32, device=DEV)
+    start = 0
+    order = torch.sort(ids.flatten(), stable=True).indices
+    pos = 0
+    for e in range(E):
+        c = int(counts[e])
+        px[start:start + c] = x[order[pos:pos + c] // K]
+        row_expert[start:int(ends[e])] = e
+        start, pos = int(ends[e]), pos + c
+    y = _qm().quant_experts_rows(px, ends, q.scheme, q.w13_q, q.w13_scale, q.w2_q, q.w2_scale, q.group_size)
+    n = int(ends[-1])
+    ref = quant_experts_reference(px[:n], row_expert[:n, None], torch.ones(n, 1, device=DEV), q)
+    torch.testing.assert_close(y[:n], ref, **_tol(scheme, dtype))
+    assert not y[n:].any()
+
+
+def test_reasons():
+    qm = _qm()
+    x = torch.randn(2, 32, device=DEV)
+    assert qm.quant_reasons(x, "w8a8_int8", None, 8) == []
+    assert any("group_size 24" in r for r in qm.quant_reasons(x, "w4a8_int4", 24, 8))
+    assert any("1024" in r for r in qm.quant_reasons(x, "w8a16_int8", None, 2000))
+    if not GPU:
+        assert any("interpreter" in r for r in qm.quant_reasons(x, "w8a8_fp8_block", 128, 8))
+
+
+@pytest.mark.parametrize("scheme", ("w8a16_int8", "w8a8_int8", "w4a16_int4", "w4a8_int4", "w8a8_fp8_block"))
+def test_configs_are_legal(scheme):
+    from mojo_opset_triton.quant_configs import heuristic
+
+    group = 128 if "int4" in scheme else None
+    for T in (1, 16, 64, 256, 2048, 8192):
+        for E, H, I, K in ((8, 4096, 14336, 2), (128, 2048, 768, 8), (256, 7168, 2048, 8)):
+            cfg = heuristic(scheme, T, E, H, I, K, group, torch.bfloat16)
+            for gemm in ("up", "down"):
+                bk, bn = cfg[gemm]["BLOCK_K"], cfg[gemm]["BLOCK_N"]
+                if "fp8" in scheme:
+                    assert bk == 128 and 128 % bn == 0
+                if "int4" in scheme:
+                    assert bk % 2 == 0 and (bk % group == 0 or group % bk == 0)
+                if "a8" in scheme:
+                    assert bk // (2 if "int4" in scheme else 1) >= 32
+
+
+def _served_ops():
+    return mo.available_backends()["triton"].get("ops", [])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_public_forward_served_by_kernel(scheme):
+    if "quant_moe_forward" not in _served_ops():
+        pytest.skip("quant_moe_forward is not registered on the triton backend in this build")
+    T, H, I, E, K, group = _shapes(scheme)[0]
+    g = torch.Generator().manual_seed(11)
+    dtype = torch.float16
+    x = torch.randn(T, H, generator=g).to(DEV, dtype)
+    gw = (torch.randn(E, H, generator=g) / H ** 0.5).to(DEV, dtype)
+    q = quantize_experts((torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(DEV),
+                         (torch.randn(E, H, I, generator=g) / I ** 0.5).to(DEV), scheme, group_size=group)
+    with mo.strict():
+        y, info = mo.quant_moe_forward(x, gw, q, K, backend="triton", return_router_info=True)
+    assert mo.last_served("quant_moe_forward")["served_by"] == "kernel"
+    ref = mo.quant_moe_forward(x, gw, q, K, backend="torch", forced_expert_ids=info["topk_ids"])
+    torch.testing.assert_close(y, ref, **_tol(scheme, dtype))
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("T", [1, 16, 300])
+def test_gpu_model_like_sizes(scheme, T):
+    """Sizes whose heuristics pick the decode and the large configs (wgmma tiles, row kernels)."""
+    E, H, I, K = 16, 512, 256, 4
+    group = 128 if "int4" in scheme else None
+    x, ids, w, q = _problem(T, H, I, E, K, scheme, torch.bfloat16, group, seed=T)
+    y = _run(x, ids, w, q)
+    ref = quant_experts_reference(x, ids, w, q)
+    rel = (y.float() - ref.float()).norm() / ref.float().norm()
+    assert rel < 1e-2, f"{scheme} T={T}: relative error {rel:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gpu_captures_in_a_cuda_graph(scheme):
+    E, H, I, K, T = 8, 256, 128, 2, 4
+    group = 128 if "int4" in scheme else None
+    x, ids, w, q = _problem(T, H, I, E, K, scheme, torch.bfloat16, group, seed=7)
+    y0 = _run(x, ids, w, q)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        _run(x, ids, w, q)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = _run(x, ids, w, q)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y0)
