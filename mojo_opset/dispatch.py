@@ -256,9 +256,15 @@ def reset_stats() -> None:
     _env_size[0] = -1
 
 
+@_assume_constant_result   # runs once per trace: a counter changed inside the graph would be a
+def _count_traced_call() -> bool:   # guard, failing (recompiling) on every later call
+    _stats.compiled_calls += 1
+    return True
+
+
 def _record(op: str, backend: str, served_by: str, reasons: tuple[str, ...]) -> None:
     if torch.compiler.is_compiling():
-        _stats.compiled_calls += 1
+        _count_traced_call()
         return
     _last()[op] = (backend, served_by, reasons)
     key = (op, backend, served_by)

@@ -19,14 +19,21 @@ class TritonBackend(Backend):
     default_priority = 10
 
     def unavailable_reason(self):
-        from ._env import unavailable_reason
+        from .platform import unavailable_reason
 
         return unavailable_reason()
 
     def load(self):
-        from .impls import build_impls
+        from . import custom_ops  # noqa: F401  (registers the torch.library ops)
+        from .combine import CombineImpl
+        from .forward import ForwardImpl
+        from .gating import GatingImpl
+        from .permute import PermuteImpl
+        from .quant_forward import quant_impls
 
-        return build_impls()
+        impls = {impl.op: impl for impl in (GatingImpl(), PermuteImpl(), CombineImpl(), ForwardImpl())}
+        impls.update(quant_impls())        # quant_moe_forward (fused) and moe_quant_experts
+        return impls
 
     def versions(self):
         out = {}
@@ -36,7 +43,7 @@ class TritonBackend(Backend):
             out["triton"] = triton.__version__
         except Exception as exc:  # versions are informative only
             out["triton"] = f"not importable ({type(exc).__name__})"
-        from ._env import interpreter_on
+        from .platform import interpreter_on
 
         out["interpreter"] = "on" if interpreter_on() else "off"
         return out

@@ -13,10 +13,10 @@ from torch import Tensor
 
 from mojo_opset.contract import shapes
 
-from . import align as _align
-from . import combine as _combine
-from . import moe as _moe
-from . import routing as _routing
+from . import align_kernel as _align
+from . import combine_kernel as _combine
+from . import forward as _moe
+from . import gating_kernel as _routing
 from . import training as _training
 
 
@@ -152,13 +152,13 @@ def fused_moe_autograd(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w13: T
     return fused_moe(x, topk_ids, topk_weights, w13, w2)
 
 
-# ---------------------------------------------------------------- quantized experts (quant_moe.py)
+# ---------------------------------------------------------------- quantized experts (quant_launch.py)
 # group_size 0 stands for None (int8 schemes; fp8 blocks are always 128)
 
 @torch.library.custom_op("mojo_triton::quant_moe", mutates_args=())
 def quant_moe(x: Tensor, topk_ids: Tensor, topk_weights: Tensor, w13_q: Tensor, w13_scale: Tensor, w2_q: Tensor,
               w2_scale: Tensor, scheme: str, group_size: int) -> Tensor:
-    from . import quant_moe as _quant
+    from . import quant_launch as _quant
 
     return _quant.quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_scale, w2_q, w2_scale,
                                           group_size or None)
@@ -172,7 +172,7 @@ def _(x, topk_ids, topk_weights, w13_q, w13_scale, w2_q, w2_scale, scheme, group
 @torch.library.custom_op("mojo_triton::quant_experts", mutates_args=())
 def quant_experts(permuted_x: Tensor, group_ends: Tensor, w13_q: Tensor, w13_scale: Tensor, w2_q: Tensor,
                   w2_scale: Tensor, scheme: str, group_size: int) -> Tensor:
-    from . import quant_moe as _quant
+    from . import quant_launch as _quant
 
     return _quant.quant_experts_rows(permuted_x, group_ends, scheme, w13_q, w13_scale, w2_q, w2_scale,
                                      group_size or None)

@@ -1,6 +1,6 @@
 """The quantized-experts ops on the triton backend: ``quant_moe_forward`` (the routed experts of a
 layer, fused like ``moe_forward``) and ``moe_quant_experts`` (expert-sorted rows), both on the
-kernels of ``quant_moe.py`` for every scheme.
+kernels of ``quant_launch.py`` for every scheme.
 
 Declared: float activations (fp32, fp16, bf16), SwiGLU only (``activation`` is not declared), no
 activation smoothing (``activation_smoothing`` is not declared), not differentiable (a call that
@@ -15,9 +15,9 @@ import torch
 from mojo_opset.backend import OpImpl
 from mojo_opset.contract.names import MOE_QUANT_EXPERTS, QUANT_MOE_FORWARD
 
-from ._env import interpreter_on
-from .align import MAX_EXPERTS
-from .quant_moe import quant_reasons
+from .align_kernel import MAX_EXPERTS
+from .platform import interpreter_on
+from .quant_launch import quant_reasons
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -20,7 +20,7 @@ from mojo_opset.tools.bench_models import DEFAULT_MODELS, resolve
 
 from .configs import gpu_file_name
 from .quant_configs import CONFIG_DIR, FORMATS, clear_cache, heuristic, legalize, shape_key
-from .quant_moe import quant_fused_moe_forward
+from .quant_launch import quant_fused_moe_forward
 from .tune import DEVICE, TOKENS, make_case, make_timer, time_ms
 
 

@@ -1,6 +1,6 @@
 """The training step of the fused routed experts: no host synchronisation, deterministic gradients.
 
-Forward: the fused Triton forward with ``save_h`` (``moe.py``), or for wide experts the same
+Forward: the fused Triton forward with ``save_h`` (``forward.py``), or for wide experts the same
 layer on ``torch._grouped_mm``; either way the only activation saved is the pre-activation
 ``h = x W13^T`` [T*K, 2I] in compact expert-sorted rows.
 
@@ -27,11 +27,11 @@ import os
 
 import torch
 
-from . import train_kernels as tk
-from .align import _gather_rows_kernel, align_pairs, gemm_rows
-from .combine import combine, sum_pairs
+from . import train_kernel as tk
+from .align_kernel import _gather_rows_kernel, align_pairs, gemm_rows
+from .combine_kernel import combine, sum_pairs
 from .configs import get_config
-from .moe import compact_shift, fused_moe_forward, kernel_flags
+from .forward import compact_shift, fused_moe_forward, kernel_flags
 
 STEPS = ("fwd", "dact", "dw2", "dw13", "dx")
 GEMMS = STEPS[1:]

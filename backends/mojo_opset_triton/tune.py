@@ -25,7 +25,7 @@ from mojo_opset.tools.bench_models import DEFAULT_MODELS, ModelShape, resolve
 from mojo_opset.tools.bench_timing import Timer, capture_graph, measure_peaks
 
 from .configs import CONFIG_DIR, gpu_file_name, heuristic, shape_key
-from .moe import fused_moe_forward
+from .forward import fused_moe_forward
 
 TOKENS = (1, 16, 64, 256, 2048, 8192)
 GRAPH_MAX_T = 256

@@ -20,7 +20,7 @@ DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if GPU else ())
 
 
 def _qm():
-    from mojo_opset_triton import quant_moe
+    from mojo_opset_triton import quant_launch as quant_moe
 
     return quant_moe
 
@@ -82,7 +82,7 @@ def test_fused_forward_matches_reference(scheme, dtype, tiles):
 
 
 def test_int8_row_quantization_is_the_reference():
-    from mojo_opset_triton.quant_act import deinterleave_rows, quantize_rows_int8
+    from mojo_opset_triton.quant_act_kernel import deinterleave_rows, quantize_rows_int8
 
     x = torch.randn(9, 70).to(DEV) * torch.rand(9, 1).to(DEV) * 10
     x[3] = 0.0                                               # an all-zero row: tiny scale, zero codes
@@ -99,7 +99,7 @@ def test_int8_row_quantization_is_the_reference():
 
 @pytest.mark.gpu
 def test_fp8_row_quantization_is_the_reference():
-    from mojo_opset_triton.quant_act import quantize_rows_fp8
+    from mojo_opset_triton.quant_act_kernel import quantize_rows_fp8
 
     x = torch.randn(6, 300, device="cuda") * 5
     x[2, 128:256] = 0.0

@@ -100,7 +100,7 @@ def test_no_tokens(engine):
 def test_out_of_range_ids_contribute_nothing():
     # the op contract: an id outside [0, E) is never placed; its pair has no output and no gradient
     from mojo_opset_triton.training import fused_moe_backward
-    from mojo_opset_triton.moe import fused_moe_forward
+    from mojo_opset_triton.forward import fused_moe_forward
 
     x, _, w13, w2 = _layer(5, 32, 16, 4, torch.float32, seed=6)
     ids = torch.tensor([[0, 1], [2, -1], [3, 9], [1, 0], [2, 3]], dtype=torch.int32, device=_dev())

@@ -1,12 +1,17 @@
-"""The fused MoE forward: align -> up GEMM (gather + SwiGLU) -> down GEMM (router weight) -> combine."""
+"""moe_forward: the fused MoE forward, align -> up GEMM (gather + SwiGLU) -> down GEMM (router weight)
+-> combine, its launcher and OpImpl.  Training calls go through ``custom_ops.fused_moe_autograd``
+(forward saving the pre-activation, backward in ``training.py``)."""
 from __future__ import annotations
 
 import torch
 
-from .align import align_pairs, gemm_rows
-from .combine import sum_pairs
+from mojo_opset.contract.names import MOE_FORWARD
+
+from .align_kernel import MAX_EXPERTS, align_pairs, gemm_rows
+from .combine_kernel import sum_pairs
 from .configs import deterministic_config, get_config
-from .fused_experts import down_proj, up_proj
+from .experts_kernel import down_proj, up_proj
+from .platform import TritonOpImpl, eager
 
 
 def kernel_flags(x: torch.Tensor) -> tuple[bool, bool]:
@@ -25,7 +30,7 @@ def fused_moe_forward(x, topk_ids, topk_weights, w13, w2, cfg=None, save_h=False
     """Routed-expert output [T, H] in x's dtype; no host synchronisation.
 
     ``save_h`` (training): returns ``(out, h)`` with the pre-activation ``h = x W13^T`` [T*K, 2I] in
-    compact expert-sorted rows (the backward's layout, see train_kernels.py).  ``deterministic``:
+    compact expert-sorted rows (the backward's layout, see train_kernel.py).  ``deterministic``:
     one tile configuration whatever T (batch-invariant rows; every other step already is)."""
     T, H = x.shape
     K = topk_ids.shape[1]
@@ -61,3 +66,39 @@ def _down_and_combine(inter, w2, row_src, block_expert, ids, topk_weights, T, E,
     y_pairs = torch.empty(T * K, H, dtype=dt, device=dev)
     down_proj(inter, w2, y_pairs, row_src, block_expert, w_flat, K, down_cfg, upcast, ieee, False, rowdot)
     return sum_pairs(y_pairs, ids, E, dt)
+
+
+def _dtype_name(dt) -> str:
+    return str(dt).replace("torch.", "")
+
+
+class ForwardImpl(TritonOpImpl):
+    """Fused experts; differentiable through the backend's backward."""
+
+    op = MOE_FORWARD
+    options = frozenset({"deterministic"})
+    supports_autograd = True
+    deterministic_backward = False     # its backward's tiles follow T: deterministic training runs the reference
+    limits = {"num_experts": MAX_EXPERTS}
+
+    def extra_reasons(self, call):
+        out = super().extra_reasons(call)
+        x, w13, w2 = call.x, call.w13, call.w2
+        if w13.dtype != x.dtype or w2.dtype != x.dtype:
+            out.append(f"expert weights ({_dtype_name(w13.dtype)}, {_dtype_name(w2.dtype)}) must have x's dtype "
+                       f"{_dtype_name(x.dtype)}")
+        if call.topk_ids.dtype.is_floating_point:
+            out.append("topk_ids must be an integer tensor")
+        return out
+
+    def forward(self, call):
+        from .custom_ops import fused_moe_autograd
+
+        args = (call.x, call.topk_ids, call.topk_weights, call.w13, call.w2)
+        if call.deterministic:     # no gradient here (see deterministic_backward)
+            if eager():
+                return fused_moe_forward(*args, deterministic=True)
+            return torch.ops.mojo_triton.fused_moe_deterministic(*args)
+        if eager() and not call.needs_grad():
+            return fused_moe_forward(*args)
+        return fused_moe_autograd(*args)

@@ -19,8 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
-
 MAX_EXPERTS = 1024
 
 
@@ -163,8 +161,8 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, align: int, rows: int,
     BP = triton.next_power_of_2(max(P, 1))
     if BP * BE <= SMALL_TILE and BP <= 256:
         BR = max(16, min(128, 8192 // BP))
-        launch(_align_small_kernel, (1,), flat, P, E, align, tpe, ends, row_src, rows, pair_row, block_expert,
-               n_blocks, BLOCK_M=max(block_m, 1), BP=BP, BE=BE, BR=BR, num_warps=4)
+        _align_small_kernel[(1,)](flat, P, E, align, tpe, ends, row_src, rows, pair_row, block_expert, n_blocks,
+                                  BLOCK_M=max(block_m, 1), BP=BP, BE=BE, BR=BR, num_warps=4)
         return tpe, ends, row_src, pair_row, (block_expert[:n_blocks] if block_m else None)
     CHUNK = _chunk(E)
     n_chunks = triton.cdiv(P, CHUNK)
@@ -172,12 +170,12 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, align: int, rows: int,
     base = torch.empty_like(counts)
     FILL = 1024
     grid = max(n_chunks, triton.cdiv(rows, FILL), 1)
-    launch(_histogram_kernel, (grid,), flat, P, counts, row_src, rows, E, CHUNK=CHUNK, BE=BE, FILL=FILL, num_warps=4)
+    _histogram_kernel[(grid,)](flat, P, counts, row_src, rows, E, CHUNK=CHUNK, BE=BE, FILL=FILL, num_warps=4)
     CH = max(1, min(16, 4096 // BE))
-    launch(_scan_kernel, (1,), counts, n_chunks, E, align, tpe, ends, base, block_expert, n_blocks,
-           BLOCK_M=max(block_m, 1), BE=BE, CH=CH, BB=max(1, min(64, 8192 // BE)), num_warps=4)
+    _scan_kernel[(1,)](counts, n_chunks, E, align, tpe, ends, base, block_expert, n_blocks,
+                       BLOCK_M=max(block_m, 1), BE=BE, CH=CH, BB=max(1, min(64, 8192 // BE)), num_warps=4)
     if n_chunks:
-        launch(_scatter_kernel, (n_chunks,), flat, P, E, base, row_src, pair_row, CHUNK=CHUNK, num_warps=4)
+        _scatter_kernel[(n_chunks,)](flat, P, E, base, row_src, pair_row, CHUNK=CHUNK, num_warps=4)
     return tpe, ends, row_src, pair_row, (block_expert[:n_blocks] if block_m else None)
 
 
@@ -206,6 +204,6 @@ def permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: in
     out = torch.empty(R, H, dtype=x.dtype, device=x.device)
     if R and H:
         BH = min(1024, triton.next_power_of_2(H))
-        launch(_gather_rows_kernel, (R, triton.cdiv(H, BH)), x, x.stride(0), x.stride(1), row_src, out, H, K,
-               BH=BH, num_warps=4)
+        _gather_rows_kernel[(R, triton.cdiv(H, BH))](x, x.stride(0), x.stride(1), row_src, out, H, K,
+                                                    BH=BH, num_warps=4)
     return out, tpe, ends, row_src, pair_row

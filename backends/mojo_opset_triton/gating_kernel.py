@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
-
 MAX_TILE = 4096   # experts per row held in registers (groups x padded group size)
 MAX_TOP_K = 64    # selected experts per row held in registers
 
@@ -148,8 +146,7 @@ def route(logits, expert_bias, forced_expert_ids, top_k: int, score_func: str, r
     bias = expert_bias if expert_bias is not None else scores          # unused pointer when absent
     forced = forced_expert_ids if forced_expert_ids is not None else ids
     tile = BG * BS
-    launch(
-        _routing_kernel, (T,),
+    _routing_kernel[(T,)](
         logits, logits.stride(0), logits.stride(1), bias, forced, forced.stride(0), forced.stride(1),
         ids, w, scores, float(route_scale), int(forced_expert_ids is not None),
         top_k, G, GS, num_limited_groups if grouped else 1,

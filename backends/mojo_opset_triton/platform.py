@@ -5,6 +5,7 @@ import contextlib
 import threading
 
 import torch
+from mojo_opset.backend import OpImpl
 
 from mojo_opset.environ import getenv
 
@@ -55,3 +56,29 @@ def serialized():
     if not interpreter_on() or torch.compiler.is_compiling():   # a graph cannot hold a lock
         return _NULL
     return _INTERPRETER_LOCK
+
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+
+
+def eager() -> bool:
+    """Nothing is tracing this call, so the ``torch.library`` op may be skipped: such an op costs
+    tens of microseconds of host time per call and is needed only where something traces the call
+    (a ``torch.compile`` graph, a dispatch mode such as FakeTensorMode) or for autograd."""
+    if torch.compiler.is_compiling():
+        return False
+    return _dispatch_modes is not None and _dispatch_modes() == 0
+
+
+class TritonOpImpl(OpImpl):
+    """The OpImpl base of this backend: float data, served on CUDA (or CPU under the interpreter)."""
+
+    dtypes = FLOATS
+
+    def state_key(self):
+        return interpreter_on()
+
+    def extra_reasons(self, call) -> list[str]:
+        r = device_reason(call.tensor)
+        return [r] if r else []

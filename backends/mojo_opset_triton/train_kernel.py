@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_experts import _tile_ids
+from .experts_kernel import _tile_ids
 
 
 @triton.jit

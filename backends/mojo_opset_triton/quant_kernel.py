@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .fused_experts import _tile_ids
+from .experts_kernel import _tile_ids
 
 W_INT8, W_INT4, W_FP8 = 0, 1, 2
 A_FLOAT, A_INT8, A_FP8 = 0, 1, 2

@@ -19,8 +19,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .launch import launch
-
 
 @triton.jit
 def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
@@ -159,12 +157,12 @@ def up_proj(x, w13, inter, row_src, block_expert, top_k, cfg, upcast, ieee, h=No
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     num_m = R // bm
     grid = (num_m * triton.cdiv(I, bn),)
-    launch(_up_kernel, grid, x, w13, inter, row_src, block_expert, num_m, I, H, top_k,
-           x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
-           inter if h is None else h, block_expert if h_shift is None else h_shift,
-           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=H % bk == 0,
-           UPCAST=upcast, IEEE=ieee, STORE_H=h is not None, ROWDOT=rowdot,
-           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _up_kernel[grid](x, w13, inter, row_src, block_expert, num_m, I, H, top_k,
+                     x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
+                     inter if h is None else h, block_expert if h_shift is None else h_shift,
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=H % bk == 0,
+                     UPCAST=upcast, IEEE=ieee, STORE_H=h is not None, ROWDOT=rowdot,
+                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def down_proj(inter, w2, y, row_src, block_expert, weights_flat, top_k, cfg, upcast, ieee, per_token, rowdot=False):
@@ -173,8 +171,8 @@ def down_proj(inter, w2, y, row_src, block_expert, weights_flat, top_k, cfg, upc
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     num_m = R // bm
     grid = (num_m * triton.cdiv(H, bn),)
-    launch(_down_kernel, grid, inter, w2, y, row_src, block_expert, weights_flat, num_m, H, I, top_k,
-           w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
-           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=I % bk == 0,
-           UPCAST=upcast, IEEE=ieee, PER_TOKEN=per_token, ROWDOT=rowdot,
-           num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    _down_kernel[grid](inter, w2, y, row_src, block_expert, weights_flat, num_m, H, I, top_k,
+                       w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
+                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=I % bk == 0,
+                       UPCAST=upcast, IEEE=ieee, PER_TOKEN=per_token, ROWDOT=rowdot,
+                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

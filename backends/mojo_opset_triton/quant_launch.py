@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from ._env import device_reason
-from .align import MAX_EXPERTS, align_pairs, gemm_rows
-from .combine import sum_pairs
-from .moe import kernel_flags
-from .quant_act import deinterleave_rows, quantize_rows_fp8, quantize_rows_int8
+from .platform import device_reason
+from .align_kernel import MAX_EXPERTS, align_pairs, gemm_rows
+from .combine_kernel import sum_pairs
+from .forward import kernel_flags
+from .quant_act_kernel import deinterleave_rows, quantize_rows_fp8, quantize_rows_int8
 from .quant_configs import FORMATS, get_quant_config
-from .quant_gemm import A_FLOAT, A_FP8, A_INT8, W_FP8, W_INT4, W_INT8, launch
+from .quant_kernel import A_FLOAT, A_FP8, A_INT8, W_FP8, W_INT4, W_INT8, launch
 
 _W = {"int8": W_INT8, "int4": W_INT4, "fp8": W_FP8}
 _A = {None: A_FLOAT, "int8": A_INT8, "fp8": A_FP8}
