@@ -237,8 +237,27 @@ class ExpertsCall(Call):
                 "intermediate_size": N // 2}
 
 
+class _QuantizedCall(Call):
+    """The quantized calls: ``scheme`` is ``qexperts.scheme``; features of the weights beyond the
+    scheme (``qexperts.options()``) are options of the call."""
+
+    @property
+    def scheme(self) -> str:
+        return self.qexperts.scheme
+
+    def active_options(self):
+        out = super().active_options()
+        opts = getattr(self.qexperts, "options", None)
+        out.update(opts() if callable(opts) else {})
+        return out
+
+    def _expert_sizes(self) -> dict[str, int]:
+        q = self.qexperts
+        return {"num_experts": q.num_experts, "hidden_size": q.hidden_size, "intermediate_size": q.intermediate_size}
+
+
 @dataclass(frozen=True, eq=False)
-class QuantExpertsCall(Call):
+class QuantExpertsCall(_QuantizedCall):
     """Quantized SwiGLU experts over expert-sorted rows (as :class:`ExpertsCall`, with the experts
     given as a :class:`mojo_opset.QuantizedExperts`).  ``scheme`` is ``qexperts.scheme``; features of
     the quantized weights beyond the scheme appear as options through ``qexperts.options()``."""
@@ -251,19 +270,8 @@ class QuantExpertsCall(Call):
     activation: str = option("swiglu")
     deterministic: bool = option(False)
 
-    @property
-    def scheme(self) -> str:
-        return self.qexperts.scheme
-
-    def active_options(self):
-        out = super().active_options()
-        out.update(_qexperts_options(self.qexperts))
-        return out
-
     def sizes(self):
-        q = self.qexperts
-        return {"rows": self.permuted_x.shape[0], "num_experts": q.num_experts, "hidden_size": q.hidden_size,
-                "intermediate_size": q.intermediate_size}
+        return {"rows": self.permuted_x.shape[0], **self._expert_sizes()}
 
 
 @dataclass(frozen=True, eq=False)
@@ -308,7 +316,7 @@ class ForwardCall(Call):
 
 
 @dataclass(frozen=True, eq=False)
-class QuantForwardCall(Call):
+class QuantForwardCall(_QuantizedCall):
     """:class:`ForwardCall` with the experts given as a :class:`mojo_opset.QuantizedExperts`."""
 
     op: ClassVar[str] = QUANT_MOE_FORWARD
@@ -320,24 +328,9 @@ class QuantForwardCall(Call):
     activation: str = option("swiglu")
     deterministic: bool = option(False)
 
-    @property
-    def scheme(self) -> str:
-        return self.qexperts.scheme
-
-    def active_options(self):
-        out = super().active_options()
-        out.update(_qexperts_options(self.qexperts))
-        return out
-
     def sizes(self):
-        q = self.qexperts
-        return {"tokens": self.x.shape[0], "top_k": self.topk_ids.shape[1], "num_experts": q.num_experts,
-                "hidden_size": q.hidden_size, "intermediate_size": q.intermediate_size}
+        return {"tokens": self.x.shape[0], "top_k": self.topk_ids.shape[1], **self._expert_sizes()}
 
-
-def _qexperts_options(q) -> dict[str, Any]:
-    opts = getattr(q, "options", None)
-    return dict(opts()) if callable(opts) else {}
 
 
 CALL_TYPES = {c.op: c for c in (GatingCall, PermuteCall, ExpertsCall, QuantExpertsCall, CombineCall, ForwardCall,

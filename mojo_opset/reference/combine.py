@@ -11,7 +11,10 @@ def combine_reference(expert_out, pair_row, topk_weights, num_tokens, determinis
     """``deterministic``: eager kernels only (a fused kernel may contract the multiply-add), and the
     weight gradients as fixed-shape products (:mod:`.invariant`)."""
     T, K = num_tokens, topk_weights.shape[1]
-    return _Combine.apply(expert_out, pair_row.long().view(T, K), topk_weights, deterministic)
+    pair_row = pair_row.long().view(T, K)
+    if torch.compiler.is_compiling():   # plain autograd: Inductor fuses these steps in the graph itself
+        return _weighted_sum.eager(expert_out, pair_row, topk_weights)
+    return _Combine.apply(expert_out, pair_row, topk_weights, deterministic)
 
 
 @fused
