@@ -196,7 +196,7 @@ def _gather_rows_kernel(x_ptr, stride_xt, stride_xh, row_src_ptr, out_ptr, H, TO
 
 
 def permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, align: int):
-    """The ``moe_permute`` op (contract in mojo_opset/ops/names.py)."""
+    """The ``moe_permute`` op (contract: mojo_opset.contract.PermuteCall)."""
     T, K = topk_ids.shape
     P, H = T * K, x.shape[1]
     R = P if align == 1 else P + num_experts * (align - 1)
