@@ -42,20 +42,28 @@ def _load_table(device_name: str) -> dict:
         return {}
 
 
-def heuristic(T: int, E: int, H: int, I: int, K: int, dtype: torch.dtype, num_sms: int = 132) -> dict:
-    """Good defaults by rows per active expert: thin tiles for decode, wide tiles when compute-bound."""
+def row_tile(T: int, E: int, K: int):
+    """``(active experts, rows per active expert m, (BLOCK_M, num_warps, num_stages, GROUP_M))``: thin
+    row blocks for decode sizes, 128-row tiles when compute-bound (shared by the bf16 and quantized
+    heuristics)."""
     pairs = T * K
     active = max(1, min(E, pairs))
     m = pairs / active
-    bk = 32 if dtype == torch.float32 else (128 if m <= 32 else 64)
     if m <= 16:
-        bm, warps, stages, gm = 16, 4, 4, 1
+        tile = 16, 4, 4, 1
     elif m <= 32:
-        bm, warps, stages, gm = 32, 4, 4, 1
+        tile = 32, 4, 4, 1
     elif m <= 96:
-        bm, warps, stages, gm = 64, 4, 4, 8
+        tile = 64, 4, 4, 8
     else:
-        bm, warps, stages, gm = 128, 8, 3, 8
+        tile = 128, 8, 3, 8
+    return active, m, tile
+
+
+def heuristic(T: int, E: int, H: int, I: int, K: int, dtype: torch.dtype, num_sms: int = 132) -> dict:
+    """Good defaults by rows per active expert: thin tiles for decode, wide tiles when compute-bound."""
+    active, m, (bm, warps, stages, gm) = row_tile(T, E, K)
+    bk = 32 if dtype == torch.float32 else (128 if m <= 32 else 64)
     # narrow column blocks when too few programs would stream the weights at decode sizes
     bn_up = 64 if m <= 96 else 128
     if m <= 32 and active * math.ceil(I / bn_up) < 2 * num_sms:

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from .configs import _device_info, gpu_file_name, nearest
+from .configs import _device_info, gpu_file_name, nearest, row_tile
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs", "quant")
 
@@ -71,17 +71,7 @@ def heuristic(scheme: str, T: int, E: int, H: int, I: int, K: int, group: int | 
     steps (bytes in flight), narrow column tiles when there would be too few programs; large sizes
     are compute-bound: 128-row tiles (the up GEMM's two accumulators on 64 columns each)."""
     wf, af = FORMATS[scheme]
-    pairs = T * K
-    active = max(1, min(E, pairs))
-    m = pairs / active
-    if m <= 16:
-        bm, warps, stages, gm = 16, 4, 4, 1
-    elif m <= 32:
-        bm, warps, stages, gm = 32, 4, 4, 1
-    elif m <= 96:
-        bm, warps, stages, gm = 64, 4, 4, 8
-    else:
-        bm, warps, stages, gm = 128, 8, 3, 8
+    active, m, (bm, warps, stages, gm) = row_tile(T, E, K)
     decode = bm <= 32
     if wf == "fp8" or af == "int8":
         bk = 128

@@ -6,7 +6,7 @@ import torch
 
 from ..quant.qexperts import QuantizedExperts
 from ..reference.swiglu import ACTIVATIONS
-from ..validation import ALIGNMENTS, FLOAT_DTYPES, check_choice, check_int, check_tensor, fail
+from ..validation import ALIGNMENTS, FLOAT_DTYPES, check_choice, check_index_range, check_int, check_tensor, fail
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -72,15 +72,7 @@ def validate_topk_ids(topk_ids, T: int, num_experts: int, device, name="topk_ids
     check_tensor(name, topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=device)
     if topk_ids.shape[0] != T:
         fail(f"{name} must have shape [T, K] with T = {T}, got {list(topk_ids.shape)}")
-    if not topk_ids.numel() or topk_ids.device.type == "meta":
-        return
-    bad = ((topk_ids < 0) | (topk_ids >= num_experts)).any()
-    if topk_ids.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool(bad):
-            lo, hi = torch.aminmax(topk_ids)
-            fail(f"{name} must lie in [0, {num_experts}), got values from {int(lo)} to {int(hi)}")
-    else:
-        torch._assert_async(~bad, f"{name} must lie in [0, {num_experts})")
+    check_index_range(name, topk_ids, num_experts)
 
 
 def validate_align(align) -> int:
