@@ -48,6 +48,10 @@ class OpImpl:
       ``deterministic=True`` call that needs grad is served only if the backward is batch-invariant
       and run-to-run identical too (each token's input gradient independent of its batch mates,
       weight gradients without atomics).
+    * ``graph_capturable``: the forward never synchronises with the device and keeps no host value
+      that depends on tensor data, so a CUDA graph of it replays correctly for any input values of
+      the same shapes (eager calls of small token counts are then replayed from a graph, see
+      :mod:`mojo_opset.functional.eager_graphs`).
 
     Override :meth:`extra_reasons` for anything the declarations cannot say (it must be cheap, must
     not synchronise with the device, and must be a pure function of ``call.signature()`` plus
@@ -62,6 +66,7 @@ class OpImpl:
     limits: Mapping[str, int] = {}
     supports_autograd: bool = False
     deterministic_backward: bool = False
+    graph_capturable: bool = False
     backend_name: str = ""        # set by the registry when the backend loads
 
     def extra_reasons(self, call) -> list[str]:
@@ -102,7 +107,8 @@ class OpImpl:
         return {"device_types": list(self.device_types), "dtypes": [_dtype_name(d) for d in self.dtypes],
                 "options": sorted(self.options), "required_alignment": self.required_alignment,
                 "limits": dict(self.limits), "supports_autograd": self.supports_autograd,
-                "deterministic_backward": self.deterministic_backward}
+                "deterministic_backward": self.deterministic_backward,
+                "graph_capturable": self.graph_capturable}
 
 
 def _show(value: Any) -> str:

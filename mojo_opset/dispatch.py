@@ -266,6 +266,11 @@ def _record(op: str, backend: str, served_by: str, reasons: tuple[str, ...]) -> 
     if torch.compiler.is_compiling():
         _count_traced_call()
         return
+    collected = getattr(_local, "collect", None)
+    if collected is not None:
+        collected.append((op, backend, served_by, reasons))
+        if collected.mute:
+            return
     _last()[op] = (backend, served_by, reasons)
     key = (op, backend, served_by)
     with _stats_lock:
@@ -276,6 +281,44 @@ def _record(op: str, backend: str, served_by: str, reasons: tuple[str, ...]) -> 
                 if (op, backend, r) not in _stats.logged:
                     _stats.logged.add((op, backend, r))
                     log.warning("mojo_opset: %s on backend %r falls back to the reference: %s", op, backend, r)
+
+
+class _Collected(list):
+    mute = False
+
+
+@contextlib.contextmanager
+def collecting(mute: bool = False) -> Iterator[list]:
+    """Collects ``(op, backend, served_by, reasons)`` of every call this thread records inside;
+    ``mute``: only collect them (not counted, not the last served), e.g. while capturing a graph."""
+    outer = getattr(_local, "collect", None)
+    records = _Collected()
+    records.mute = mute or bool(outer is not None and outer.mute)
+    _local.collect = records
+    try:
+        yield records
+    finally:
+        _local.collect = outer
+        if outer is not None:
+            outer.extend(records)
+
+
+def record_again(records) -> None:
+    """Count collected calls once more (a graph replay of them serves the same implementations)."""
+    for rec in records:
+        _record(*rec)
+
+
+def selection_state() -> tuple:
+    """Everything besides a call's signature that selection and decisions read: the context's
+    backend, strict and deterministic choices and their environment variables (a cache keyed by
+    call signatures adds this to its key)."""
+    ctx = _ctx_backend.get()
+    return (frozenset(ctx.items()) if ctx else None, _ctx_strict.get(), is_deterministic(),
+            tuple(map(getenv, _STATE_VARS)))
+
+
+_STATE_VARS = ("MOJO_BACKEND", "MOJO_STRICT", *_ENV_NAMES.values())
 
 
 def _as_record(rec) -> dict:

@@ -46,7 +46,8 @@ def _parse_flag(var: str, value: str) -> bool:
     raise ValueError(f"{var} must be 1 or 0 (or true/false, yes/no, on/off), got {value!r}")
 
 
-def env_flag(var: str) -> bool:
-    """A boolean environment variable; anything but the usual spellings is an error, never ignored."""
+def env_flag(var: str, default: bool = False) -> bool:
+    """A boolean environment variable (``default`` when unset or empty); anything but the usual
+    spellings is an error, never ignored."""
     value = getenv(var)
-    return _parse_flag(var, value) if value else False
+    return _parse_flag(var, value) if value else default

@@ -56,3 +56,13 @@ def test_readme_quick_start_is_two_commands_and_gpu_install_is_offline():
     quick = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     assert [ln.split()[:2] for ln in quick.strip().splitlines()] == [["make", "compare"], ["make", "test"]]
     assert "python3 -m pip install --no-build-isolation --no-deps -e ." in readme
+
+
+def test_every_tuned_config_file_is_package_data():
+    """A wheel must carry each GPU's tuned tables (bf16 and quantized), or installs run on heuristics."""
+    pkg = ROOT / "backends" / "mojo_opset_triton"
+    globs = _project()["tool"]["setuptools"]["package-data"]["mojo_opset_triton"]
+    files = [p.relative_to(pkg).as_posix() for p in (pkg / "configs").rglob("*.json")]
+    assert any(f.startswith("configs/quant/") for f in files)
+    for f in files:
+        assert any(pathlib.PurePosixPath(f).match(g) and f.count("/") == g.count("/") for g in globs), f

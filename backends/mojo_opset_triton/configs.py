@@ -42,41 +42,76 @@ def _load_table(device_name: str) -> dict:
         return {}
 
 
+HOPPER_SMEM = 232448      # opt-in shared memory per block of an H100/H200
+
+
 def row_tile(T: int, E: int, K: int):
     """``(active experts, rows per active expert m, (BLOCK_M, num_warps, num_stages, GROUP_M))``: thin
     row blocks for decode sizes, 128-row tiles when compute-bound (shared by the bf16 and quantized
-    heuristics)."""
+    heuristics).  BLOCK_M stays near twice m: with m rows on average many experts get more, and an
+    expert whose rows spill into a second block streams its weights twice."""
     pairs = T * K
     active = max(1, min(E, pairs))
     m = pairs / active
-    if m <= 16:
+    if m <= 10:
         tile = 16, 4, 4, 1
-    elif m <= 32:
+    elif m <= 24:
         tile = 32, 4, 4, 1
-    elif m <= 96:
+    elif m <= 48:
         tile = 64, 4, 4, 8
     else:
         tile = 128, 8, 3, 8
     return active, m, tile
 
 
-def heuristic(T: int, E: int, H: int, I: int, K: int, dtype: torch.dtype, num_sms: int = 132) -> dict:
-    """Good defaults by rows per active expert: thin tiles for decode, wide tiles when compute-bound."""
+def _gemm(bn: int, bk: int, gm: int, warps: int, stages: int) -> dict:
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm, "num_warps": warps, "num_stages": stages}
+
+
+def heuristic(T: int, E: int, H: int, I: int, K: int, dtype: torch.dtype, num_sms: int = 132,
+              smem_bytes: int = HOPPER_SMEM) -> dict:
+    """Defaults by rows per active expert (fitted to tuned H100/H200 tables).  Decode sizes stream
+    the weights: wide K steps keep bytes in flight, wide column tiles when the intermediate size
+    gives enough programs; compute-bound sizes take 128x128 up and 128x256 down tiles.  Pipelines
+    are then made shallow enough for the GPU's shared memory (``smem_bytes`` per block)."""
+    return fit_shared_memory(_tiles(T, E, I, K, dtype), torch.empty((), dtype=dtype).element_size(), smem_bytes)
+
+
+def fit_shared_memory(cfg: dict, elt: int, smem_bytes: int) -> dict:
+    """Fewer pipeline stages (then shorter K steps) until each GEMM's buffers fit in shared memory:
+    per stage a BLOCK_M x BLOCK_K activation tile and one (down) or two (up: gate and up) weight tiles."""
+    bm = cfg["BLOCK_M"]
+    out = {"BLOCK_M": bm}
+    for name, tiles in (("up", 2), ("down", 1)):
+        c = dict(cfg[name])
+        def need(c=c):
+            return c["num_stages"] * (bm + tiles * c["BLOCK_N"]) * c["BLOCK_K"] * elt
+        while need() > smem_bytes and c["num_stages"] > 2:
+            c["num_stages"] -= 1
+        while need() > smem_bytes and c["BLOCK_K"] > 32:
+            c["BLOCK_K"] //= 2
+        out[name] = c
+    return out
+
+
+def _tiles(T: int, E: int, I: int, K: int, dtype: torch.dtype) -> dict:
     active, m, (bm, warps, stages, gm) = row_tile(T, E, K)
-    bk = 32 if dtype == torch.float32 else (128 if m <= 32 else 64)
-    # narrow column blocks when too few programs would stream the weights at decode sizes
-    bn_up = 64 if m <= 96 else 128
-    if m <= 32 and active * math.ceil(I / bn_up) < 2 * num_sms:
-        bn_up = 32
-    bn_dn = 64 if m <= 96 else 128
-    if m <= 32 and active * math.ceil(H / bn_dn) < 2 * num_sms:
-        bn_dn = 32
-    if dtype == torch.float32:
-        stages = min(stages, 2)
-    return {"BLOCK_M": bm,
-            "up": {"BLOCK_N": bn_up, "BLOCK_K": bk, "GROUP_M": gm, "num_warps": warps, "num_stages": stages},
-            "down": {"BLOCK_N": bn_dn, "BLOCK_K": bk, "GROUP_M": gm, "num_warps": warps,
-                     "num_stages": stages if bm < 128 else 4}}
+    if dtype == torch.float32:      # 4-byte operands: short K steps, shallow pipelines
+        return {"BLOCK_M": bm, "up": _gemm(64 if bm < 128 else 128, 32, gm, warps, 2),
+                "down": _gemm(64 if bm < 128 else 128, 32, gm, warps, 2)}
+    wide = I >= 2048
+    if bm == 128:
+        up = _gemm(128, 64, gm, 8, 3 if T >= 4096 else 4)
+        down = _gemm(256, 64, gm, 8, 3)
+    elif bm == 64:
+        up = down = _gemm(64, 64, gm, 4, 4)
+    elif bm == 32:
+        up = _gemm(128, 128, gm, 4, 3) if wide else _gemm(64, 64, gm, 4, 5)
+        down = _gemm(128, 128, gm, 4, 3)
+    else:
+        up = _gemm(128, 128, gm, 4, 3) if wide else _gemm(32, 256, gm, 4, 3)
+        down = _gemm(64, 256, gm, 4, 3) if I >= 8192 else _gemm(64, 128, gm, 4, 4)
+    return {"BLOCK_M": bm, "up": up, "down": down}
 
 
 def nearest(entries: dict, T: int):
@@ -92,13 +127,21 @@ def nearest(entries: dict, T: int):
 @functools.lru_cache(maxsize=4096)
 def _lookup(device_name: str, num_sms: int, T: int, E: int, H: int, I: int, K: int, dtype: torch.dtype) -> dict:
     hit = nearest(_load_table(device_name).get(shape_key(dtype, E, H, I, K), {}), T)
-    return hit if hit is not None else heuristic(T, E, H, I, K, dtype, num_sms)
+    return hit if hit is not None else heuristic(T, E, H, I, K, dtype, num_sms, _smem(device_name))
 
 
 @functools.lru_cache(maxsize=None)
 def _device_info(index: int) -> tuple[str, int]:
     props = torch.cuda.get_device_properties(index)
+    _SMEM[props.name] = getattr(props, "shared_memory_per_block_optin", 0) or HOPPER_SMEM
     return props.name, props.multi_processor_count
+
+
+_SMEM: dict[str, int] = {}
+
+
+def _smem(device_name: str) -> int:
+    return _SMEM.get(device_name, HOPPER_SMEM)
 
 
 # The deterministic mode's one configuration for every token count: a tile shape, warp count and

@@ -75,6 +75,7 @@ class TritonOpImpl(OpImpl):
     """The OpImpl base of this backend: float data, served on CUDA (or CPU under the interpreter)."""
 
     dtypes = FLOATS
+    graph_capturable = True     # no host synchronisation anywhere in the launchers
 
     def state_key(self):
         return interpreter_on()

@@ -87,13 +87,17 @@ def main(argv=None) -> int:
                 print(f"{scheme} {model.name} T={T}: heuristic {base_ms:.4g} ms, best {best[0]:.4g} ms", flush=True)
                 table.setdefault(key, {})[str(T)] = best[1]
             del q
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"device": name, "configs": table}, f, indent=1, sort_keys=True)
-        f.write("\n")
+            _write(path, name, table)      # after each scheme: an interrupted run keeps what it tuned
     clear_cache()
     print(f"wrote {path}")
     return 0
+
+
+def _write(path: str, device_name: str, table: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"device": device_name, "configs": table}, f, indent=1, sort_keys=True)
+        f.write("\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from ..reference.shared import shared_experts
 from ..validation import check_choice
 from .checks import validate_experts, validate_qexperts, validate_shared
 from .combine import combine
+from . import inference_op
+from .eager_graphs import cached_forward
 from .experts import experts, experts_alignment, quant_experts
 from .gating import route
 from .permute import permute
@@ -81,9 +83,39 @@ def _validate_experts(x2, experts, quantized: bool, num_local: int, activation: 
 def run_moe(x, gate_weight, top_k, routing_kw, *, experts, quantized, activation, shared, ep_group, ep_mode,
             return_router_info, backend):
     """The MoE forward of float (``experts = (w13, w2)``) or quantized (``quantized=True``, a
-    :class:`QuantizedExperts`) experts.
+    :class:`QuantizedExperts`) experts; a repeated eager call of a few tokens is replayed from a
+    CUDA graph (:mod:`.eager_graphs`), a compiled inference call is one opaque op (:mod:`.inference_op`)."""
+    def run(inp):
+        return _run_moe(inp, gate_weight, top_k, routing_kw, experts=experts, quantized=quantized,
+                        activation=activation, shared=shared, ep_group=ep_group, ep_mode=ep_mode,
+                        return_router_info=return_router_info, backend=backend)
 
-    With ``ep_group`` the validation runs inside the ranks' agreement, so a rank's bad argument is
+    if ep_group is not None or routing_kw["forced_expert_ids"] is not None or not isinstance(x, torch.Tensor):
+        return run(x)
+    if quantized:
+        if not isinstance(experts, QuantizedExperts):
+            return run(x)           # the validation names the bad argument
+        q = experts
+        weights = (q.w13_q, q.w13_scale, q.w2_q, q.w2_scale, q.w13_smooth, q.w2_smooth)
+        kind = (q.scheme, q.group_size)
+    else:
+        weights, kind = tuple(experts), None
+    tensors = (gate_weight, routing_kw["gate_bias"], routing_kw["expert_bias"], *shared, *weights)
+    if not all(t is None or isinstance(t, torch.Tensor) for t in tensors):
+        return run(x)
+    if inference_op.wanted(x, tensors, backend):
+        return inference_op.call(x, tensors, top_k, routing_kw, kind, activation, return_router_info, backend)
+    scalars = (top_k, tuple(routing_kw[k] for k in inference_op.ROUTING_SCALARS), kind, activation,
+               return_router_info, backend)
+    return cached_forward(x, tensors, scalars, run)
+
+
+inference_op.bind(run_moe)
+
+
+def _run_moe(x, gate_weight, top_k, routing_kw, *, experts, quantized, activation, shared, ep_group, ep_mode,
+             return_router_info, backend):
+    """With ``ep_group`` the validation runs inside the ranks' agreement, so a rank's bad argument is
     an error on every rank rather than a hang."""
     def validate():
         check_choice("ep_mode", ep_mode, EP_MODES)

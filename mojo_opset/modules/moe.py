@@ -175,8 +175,8 @@ class MoE(nn.Module):
         else:
             y, info = moe_forward(x, self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj,
                                   self.top_k, activation=self.experts.config.activation, **common)
-        self.last_topk_ids = info["topk_ids"]
-        self.last_tokens_per_expert = info["tokens_per_expert"]
+        # plain attributes: skip nn.Module.__setattr__'s parameter/buffer/module checks (µs per call)
+        vars(self).update(last_topk_ids=info["topk_ids"], last_tokens_per_expert=info["tokens_per_expert"])
         if self.training:
             # a forward recomputed by checkpointing computes the losses again (non-reentrant
             # checkpointing needs every tensor the original forward saved) but leaves the state alone

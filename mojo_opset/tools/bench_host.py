@@ -5,10 +5,14 @@ Host time per call = the wall time of ``n`` back-to-back calls divided by ``n``,
 synchronisation inside the loop (the minimum over repetitions; the device is synchronised between
 repetitions).  ``n`` is kept small enough that the device's launch queue never fills up, since a
 full queue would make the loop wait for the GPU and measure the GPU instead.  The same function is
-timed compiled (``torch.compile(fullgraph=True)``) and under ``mo.deterministic()``.
+timed compiled (``torch.compile(fullgraph=True)``), under ``mo.deterministic()`` and with the
+replay of repeated calls from CUDA graphs turned off (``MOJO_EAGER_GRAPHS=0``: every call launches
+its kernels, as the first call of a signature does).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import torch
@@ -60,6 +64,8 @@ def host_times(x, w, K: int, backend: str, device: torch.device, compiled: bool 
            "eager_device_us": device_us(lambda: forward(x), device)}
     with mo.deterministic():
         out["deterministic_eager_us"] = per_call_us(lambda: forward(x), device)
+    with _env("MOJO_EAGER_GRAPHS", "0"):
+        out["launch_eager_us"] = per_call_us(lambda: forward(x), device)
     if compiled:
         try:
             cf = torch.compile(forward, fullgraph=True)
@@ -67,6 +73,19 @@ def host_times(x, w, K: int, backend: str, device: torch.device, compiled: bool 
         except Exception as exc:  # a compiler problem is reported, not fatal to the benchmark
             out["compiled_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return out
+
+
+@contextlib.contextmanager
+def _env(var: str, value: str):
+    old = os.environ.get(var)
+    os.environ[var] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old
 
 
 def describe(model: str, rec: dict) -> str:
@@ -78,4 +97,6 @@ def describe(model: str, rec: dict) -> str:
     elif "compiled_error" in rec:
         parts.append(f"compiled: {rec['compiled_error']}")
     parts.append(f"deterministic {rec['deterministic_eager_us']:.1f} us")
+    if "launch_eager_us" in rec:
+        parts.append(f"without graph replay {rec['launch_eager_us']:.1f} us")
     return "; ".join(parts)

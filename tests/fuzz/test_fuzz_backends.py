@@ -144,6 +144,16 @@ def test_quant_forward_matches_reference(backend, qc: QuantCase):
         _quant_forward_matches_reference(backend, qc)
 
 
+def _quant_kernel_expected(backend, qc: QuantCase) -> bool:
+    """The triton backend serves every scheme the fuzz draws (int4 groups are powers of two >= 16,
+    E <= 1024), fp8 only on a GPU of compute capability 8.9 or newer (not in the interpreter)."""
+    if backend != "triton":
+        return False
+    if qc.scheme.endswith("fp8_block"):
+        return DEVICE != "cpu" and torch.cuda.get_device_capability() >= (8, 9)
+    return True
+
+
 def _quant_forward_matches_reference(backend, qc: QuantCase):
     case = qc.case
     x, gw, w13, w2, kw = build(case)
@@ -156,6 +166,9 @@ def _quant_forward_matches_reference(backend, qc: QuantCase):
     mo.reset_stats()
     y, info = mo.quant_moe_forward(x, gw, q, case.K, return_router_info=True, backend=backend, **kw)
     _served_ok()
+    if _quant_kernel_expected(backend, qc):     # a kernel serves it, as under strict: no silent fallback
+        rec = mo.last_served("quant_moe_forward")
+        assert rec["served_by"] == "kernel", (qc.short(), rec)
     assert y.shape == x.shape and y.dtype == x.dtype
     _, info_ref = mo.quant_moe_forward(x, gw, q, case.K, return_router_info=True, backend="torch", **kw)
     ids = _check_routing(backend, case, info, info_ref, kw)
