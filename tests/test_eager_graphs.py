@@ -6,6 +6,7 @@ import torch
 import mojo_opset as mo
 from mojo_opset import dispatch
 from mojo_opset.functional import eager_graphs
+from mojo_opset.functional.routing import ROUTING_SCALARS
 
 gpu = pytest.mark.gpu
 H, I, E, K = 256, 128, 16, 4
@@ -213,7 +214,7 @@ def test_compiled_inference_op_is_the_eager_forward(quant, info):
         assert torch.equal(got[1][k], want[1][k]), k
     spec = inference_op._spec(K, "swiglu", info, "torch", kind, False,
                               tuple((k, routing[k] if k != "router_dtype" else "float32")
-                                    for k in inference_op.ROUTING_SCALARS))
+                                    for k in ROUTING_SCALARS))
     torch.library.opcheck(torch.ops.mojo.moe_inference.default, (x, list(tensors), spec),
                           test_utils=("test_schema", "test_faketensor"))
 

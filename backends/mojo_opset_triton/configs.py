@@ -33,8 +33,9 @@ def shape_key(dtype: torch.dtype, E: int, H: int, I: int, K: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _load_table(device_name: str) -> dict:
-    path = os.path.join(CONFIG_DIR, gpu_file_name(device_name))
+def load_table(config_dir: str, device_name: str) -> dict:
+    """The ``configs`` of ``<config_dir>/<gpu>.json`` (empty when there is no readable file)."""
+    path = os.path.join(config_dir, gpu_file_name(device_name))
     try:
         with open(path) as f:
             return json.load(f).get("configs", {})
@@ -126,7 +127,7 @@ def nearest(entries: dict, T: int):
 
 @functools.lru_cache(maxsize=4096)
 def _lookup(device_name: str, num_sms: int, T: int, E: int, H: int, I: int, K: int, dtype: torch.dtype) -> dict:
-    hit = nearest(_load_table(device_name).get(shape_key(dtype, E, H, I, K), {}), T)
+    hit = nearest(load_table(CONFIG_DIR, device_name).get(shape_key(dtype, E, H, I, K), {}), T)
     return hit if hit is not None else heuristic(T, E, H, I, K, dtype, num_sms, _smem(device_name))
 
 
@@ -170,5 +171,5 @@ def get_config(x: torch.Tensor, T: int, E: int, H: int, I: int, K: int) -> dict:
 
 
 def clear_cache() -> None:
-    _load_table.cache_clear()
+    load_table.cache_clear()
     _lookup.cache_clear()

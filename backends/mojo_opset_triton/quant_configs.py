@@ -13,13 +13,12 @@ number of groups; 8-bit dots need K >= 32 per dot (int4 makes a step two half-K 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 
 import torch
 
-from .configs import _device_info, gpu_file_name, nearest, row_tile
+from .configs import _device_info, load_table, nearest, row_tile
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs", "quant")
 
@@ -93,20 +92,10 @@ def heuristic(scheme: str, T: int, E: int, H: int, I: int, K: int, group: int | 
     return legalize(cfg, scheme, group, torch.empty((), dtype=dtype).element_size())
 
 
-@functools.lru_cache(maxsize=None)
-def _load_table(device_name: str) -> dict:
-    path = os.path.join(CONFIG_DIR, gpu_file_name(device_name))
-    try:
-        with open(path) as f:
-            return json.load(f).get("configs", {})
-    except (OSError, ValueError):
-        return {}
-
-
 @functools.lru_cache(maxsize=4096)
 def _lookup(device_name: str, num_sms: int, scheme: str, T: int, E: int, H: int, I: int, K: int,
             group: int | None, dtype: torch.dtype) -> dict:
-    hit = nearest(_load_table(device_name).get(shape_key(scheme, dtype, E, H, I, K, group), {}), T)
+    hit = nearest(load_table(CONFIG_DIR, device_name).get(shape_key(scheme, dtype, E, H, I, K, group), {}), T)
     if hit is not None:
         return legalize(hit, scheme, group, torch.empty((), dtype=dtype).element_size())
     return heuristic(scheme, T, E, H, I, K, group, dtype, num_sms)
@@ -121,5 +110,5 @@ def get_quant_config(x: torch.Tensor, scheme: str, T: int, E: int, H: int, I: in
 
 
 def clear_cache() -> None:
-    _load_table.cache_clear()
+    load_table.cache_clear()
     _lookup.cache_clear()

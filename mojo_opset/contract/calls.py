@@ -216,6 +216,12 @@ class PermuteCall(Call):
         return {"tokens": T, "top_k": K, "num_experts": self.num_experts, "hidden_size": self.x.shape[1]}
 
 
+def _weight_sizes(w13: Tensor) -> dict[str, int]:
+    """Expert count and feature sizes of float experts from w13 ``[E, 2I, H]``."""
+    E, N, H = w13.shape
+    return {"num_experts": E, "hidden_size": H, "intermediate_size": N // 2}
+
+
 @dataclass(frozen=True, eq=False)
 class ExpertsCall(Call):
     """SwiGLU experts over expert-sorted rows: permuted_x ``[R, H]``, group_ends int32 ``[E]``,
@@ -232,9 +238,7 @@ class ExpertsCall(Call):
     deterministic: bool = option(False)
 
     def sizes(self):
-        E, N, H = self.w13.shape
-        return {"rows": self.permuted_x.shape[0], "num_experts": E, "hidden_size": H,
-                "intermediate_size": N // 2}
+        return {"rows": self.permuted_x.shape[0], **_weight_sizes(self.w13)}
 
 
 class _QuantizedCall(Call):
@@ -310,9 +314,7 @@ class ForwardCall(Call):
     deterministic: bool = option(False)
 
     def sizes(self):
-        E, N, H = self.w13.shape
-        return {"tokens": self.x.shape[0], "top_k": self.topk_ids.shape[1], "num_experts": E, "hidden_size": H,
-                "intermediate_size": N // 2}
+        return {"tokens": self.x.shape[0], "top_k": self.topk_ids.shape[1], **_weight_sizes(self.w13)}
 
 
 @dataclass(frozen=True, eq=False)

@@ -157,11 +157,12 @@ def cached_forward(x: torch.Tensor, tensors: tuple, scalars: tuple, run):
         return run(x)
     with collecting() as records:
         out = run(x)
-    if state == _UNSEEN or not _capturable(records):
+    capturable = _capturable(records)
+    if state == _UNSEEN or not capturable:
         with _lock:
             if len(_state) >= 4 * MAX_GRAPHS:
                 _state.clear()
-            _state[key] = _SEEN if _capturable(records) else _NEVER
+            _state[key] = _SEEN if capturable else _NEVER
         return out
     entry = _capture(x, run, records)
     with _lock:

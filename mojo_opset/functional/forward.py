@@ -27,7 +27,7 @@ from .eager_graphs import cached_forward
 from .experts import experts, experts_alignment, quant_experts
 from .gating import route
 from .permute import permute
-from .routing import normalize_routing
+from .routing import ROUTING_SCALARS, normalize_routing
 
 EP_MODES = ("allgather", "alltoall")
 
@@ -105,7 +105,7 @@ def run_moe(x, gate_weight, top_k, routing_kw, *, experts, quantized, activation
         return run(x)
     if inference_op.wanted(x, tensors, backend):
         return inference_op.call(x, tensors, top_k, routing_kw, kind, activation, return_router_info, backend)
-    scalars = (top_k, tuple(routing_kw[k] for k in inference_op.ROUTING_SCALARS), kind, activation,
+    scalars = (top_k, tuple(routing_kw[k] for k in ROUTING_SCALARS), kind, activation,
                return_router_info, backend)
     return cached_forward(x, tensors, scalars, run)
 

@@ -19,6 +19,7 @@ from ..dispatch import select_backend
 from ..modes import deterministic, is_deterministic
 from ..registry import REFERENCE
 from . import eager_graphs
+from .routing import ROUTING_SCALARS
 
 
 def _assume_constant_result(fn):
@@ -28,8 +29,6 @@ def _assume_constant_result(fn):
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "None": None}
-ROUTING_SCALARS = ("score_func", "route_norm", "route_scale", "num_expert_groups", "num_limited_groups",
-                   "group_score", "router_dtype")
 _INFO = ("scores", "topk_ids", "topk_weights", "logits", "tokens_per_expert")
 
 

@@ -11,6 +11,11 @@ from ..reference.gating import GROUP_SCORES, SCORE_FUNCS
 from ..validation import FLOAT_DTYPES, check_choice, check_int, check_tensor, fail
 
 
+# the routing keywords of moe_forward that are not tensors (gate_bias, expert_bias, forced ids are)
+ROUTING_SCALARS = ("score_func", "route_norm", "route_scale", "num_expert_groups", "num_limited_groups",
+                   "group_score", "router_dtype")
+
+
 def validate_forced_ids(forced, T: int, top_k: int, E: int, device) -> tuple[torch.Tensor, bool]:
     """Checks ``forced_expert_ids`` (shape, integer dtype, values in [0, E) or -1, no repeated id in
     a row) and moves it to x's device as int64.  Returns ``(ids, partial)``: partial is whether a -1

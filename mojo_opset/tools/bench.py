@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import json
 import sys
 import time
 
@@ -272,7 +271,7 @@ def run(args) -> int:
     import mojo_opset as mo
 
     from .bench_models import DEFAULT_MODELS, QUICK_MODELS, fit_to_memory, make_tokens, make_weights, resolve
-    from .bench_timing import Timer, measure_peaks
+    from .bench_timing import measure_peaks, timer_from_args, write_json
     from .compare import DTYPE_ALIASES
     from .compare_cases import DTYPES
     from .progress import progress
@@ -334,15 +333,11 @@ def run(args) -> int:
     use_graph = device.type == "cuda" and not args.no_graph
 
     def timer_factory(host: bool = False):
-        dev = torch.device("cpu") if host else device
-        return Timer(dev, warmup=args.warmup, min_iters=args.min_iters, max_iters=args.max_iters,
-                     min_time_s=args.min_time, flush_l2=not args.no_flush_l2 and not host)
+        return timer_from_args(args, device, host)
 
     timer = timer_factory()
-    v = _env.versions()
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    say(f"mojo-opset bench on {dev_name}; torch {v['torch']}, triton {v['triton'] or '-'}, "
-        f"mojo_opset {v['mojo_opset']}; backend {backend}; dtype {dname}")
+    dev_name, header = _env.run_header(device, backend)
+    say(f"mojo-opset bench on {header}; dtype {dname}")
     if device.type == "cpu" and not args.quick and quick:
         say("note: no GPU: tiny shapes (--quick); name --models to time model shapes on the CPU")
     if interpreted and _env.interpreter_caveat():
@@ -463,9 +458,7 @@ def run(args) -> int:
             "summary": {k: v_ for k, v_ in (summary or {}).items() if k != "text"},
             "deterministic_cost": {k: v_ for k, v_ in (det_cost or {}).items() if k != "text"}, "results": results}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
+        write_json(args.json, data)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(render_forward(results, backend, markdown=True) + "\n")

@@ -12,7 +12,6 @@ not a kernel's: ``mojo-opset compare`` checks kernels against the exact referenc
 from __future__ import annotations
 
 import gc
-import json
 import time
 
 from . import env as _env
@@ -70,7 +69,7 @@ def run_quant(args, device, dtype, dname, backend, models, quick) -> int:
 
     from .args import parse_list as _list
     from .bench_models import DEFAULT_TOKENS, QUICK_TOKENS, fit_to_memory, make_tokens, make_weights
-    from .bench_timing import Timer, measure_peaks
+    from .bench_timing import measure_peaks, timer_from_args, write_json
     from .served import served_call
 
     try:
@@ -82,12 +81,9 @@ def run_quant(args, device, dtype, dname, backend, models, quick) -> int:
     if quick:
         args.warmup, args.min_iters, args.max_iters, args.min_time = min(args.warmup, 1), 3, 10, 0.02
     use_graph = device.type == "cuda" and not args.no_graph
-    timer = Timer(device, warmup=args.warmup, min_iters=args.min_iters, max_iters=args.max_iters,
-                  min_time_s=args.min_time, flush_l2=not args.no_flush_l2)
-    v = _env.versions()
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    _say(f"mojo-opset bench --quant on {dev_name}; torch {v['torch']}, triton {v['triton'] or '-'}, "
-         f"mojo_opset {v['mojo_opset']}; backend {backend}; activations {dname}; schemes {', '.join(schemes)}")
+    timer = timer_from_args(args, device)
+    dev_name, header = _env.run_header(device, backend)
+    _say(f"mojo-opset bench --quant on {header}; activations {dname}; schemes {', '.join(schemes)}")
     peaks = measure_peaks(device, timer, quick)
     bw = args.peak_bw or peaks["measured"]["bandwidth_tbs"]
     tf = args.peak_tflops or peaks["measured"]["bf16_tflops"]
@@ -161,9 +157,7 @@ def run_quant(args, device, dtype, dname, backend, models, quick) -> int:
                 "dtype": dname, "schemes": schemes, "peaks": peaks, "results": results,
                 "config": {"tokens": tokens, "graph_max_tokens": args.graph_max_tokens if use_graph else 0,
                            "flush_l2": not args.no_flush_l2}}
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
+        write_json(args.json, data)
     return 0
 
 

@@ -6,6 +6,7 @@ so weights are read from HBM as they are when a model runs its layers one after 
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -136,3 +137,17 @@ def datasheet_for(device_name: str) -> dict | None:
         if key in device_name:
             return {"device": label, "bandwidth_tbs": tbs, "bf16_tflops": tflops}
     return None
+
+
+def timer_from_args(args, device: torch.device, host: bool = False) -> Timer:
+    """bench's timer with the command line's iteration settings; ``host``: wall time on the CPU
+    (no L2 flush)."""
+    dev = torch.device("cpu") if host else device
+    return Timer(dev, warmup=args.warmup, min_iters=args.min_iters, max_iters=args.max_iters,
+                 min_time_s=args.min_time, flush_l2=not args.no_flush_l2 and not host)
+
+
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")

@@ -16,7 +16,6 @@ the bf16 matmul peak measured in the run, the step's peak memory above what was 
 from __future__ import annotations
 
 import gc
-import json
 import sys
 import time
 
@@ -154,7 +153,7 @@ def run_train(args, device, dtype, dname, backend, models, quick) -> int:
 
     from .bench_timing import measure_peaks
     from .bench_models import fit_to_memory, make_weights
-    from .bench_timing import Timer
+    from .bench_timing import timer_from_args, write_json
     from .progress import progress
 
     import mojo_opset as mo
@@ -165,12 +164,9 @@ def run_train(args, device, dtype, dname, backend, models, quick) -> int:
         backend = "triton"      # interpreted on a CPU-only machine: the CI run of the kernels' code path
     if quick:
         args.warmup, args.min_iters, args.max_iters, args.min_time = 0, 1, 1, 0.0
-    timer = Timer(device, warmup=args.warmup, min_iters=args.min_iters, max_iters=args.max_iters,
-                  min_time_s=args.min_time, flush_l2=not args.no_flush_l2)
-    v = _env.versions()
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    print(f"mojo-opset bench --train on {dev_name}; torch {v['torch']}, triton {v['triton'] or '-'}, "
-          f"mojo_opset {v['mojo_opset']}; backend {backend}; dtype {dname}")
+    timer = timer_from_args(args, device)
+    dev_name, header = _env.run_header(device, backend)
+    print(f"mojo-opset bench --train on {header}; dtype {dname}")
     peaks = measure_peaks(device, timer, quick)
     peak_tf = args.peak_tflops or peaks["measured"]["bf16_tflops"]
     print(f"bf16 matmul peak measured: {peaks['measured']['bf16_tflops']:.4g} TFLOP/s")
@@ -223,9 +219,7 @@ def run_train(args, device, dtype, dname, backend, models, quick) -> int:
                        "flush_l2": not args.no_flush_l2},
             "results": results}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
+        write_json(args.json, data)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(render_train(results, backend, paths, markdown=True) + "\n")

@@ -131,3 +131,13 @@ def environment(device=None) -> dict:
     if device is not None:
         env["device"] = str(device)
     return env
+
+
+def run_header(device, backend: str) -> tuple[str, str]:
+    """(device name, "<device>; torch X, triton Y, mojo_opset Z; backend B"): the first line of a bench run."""
+    import torch
+
+    v = versions()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    return name, (f"{name}; torch {v['torch']}, triton {v['triton'] or '-'}, mojo_opset {v['mojo_opset']}; "
+                  f"backend {backend}")
