@@ -17,6 +17,9 @@ import triton.language as tl
 INT8_MAX = 127.0
 FP8_MAX = 448.0
 FP8_GROUP = 128
+# columns per program of the int8 row quantization: a few elements per thread, since each correctly
+# rounded division is a long dependent sequence (1024-column programs took 8 us for a decode step)
+ROW_CHUNK = 512
 
 
 @triton.jit
@@ -63,23 +66,39 @@ def _dest_cols(cols, K, DEINTERLEAVE: tl.constexpr):
 
 
 @triton.jit
-def _rows_int8_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_xk,
-                      BM: tl.constexpr, BK: tl.constexpr, DEINTERLEAVE: tl.constexpr):
+def _chunk_amax_kernel(x_ptr, amax_ptr, M, K, C, stride_xm, stride_xk, BM: tl.constexpr, BK: tl.constexpr):
+    """``amax[row, c]``: max |x| of each row over column chunk c (NaN counts as inf)."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
     rmask = rows < M
-    offs = tl.arange(0, BK)
-    amax = tl.zeros([BM], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        m = rmask[:, None] & ((k0 + offs) < K)[None, :]
-        a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + offs)[None, :] * stride_xk, mask=m, other=0.0)
-        amax = tl.maximum(amax, row_amax(a.to(tl.float32)))
+    a = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                mask=rmask[:, None] & (cols < K)[None, :], other=0.0)
+    tl.store(amax_ptr + rows * C + tl.program_id(1), row_amax(a.to(tl.float32)), mask=rmask)
+
+
+@triton.jit
+def _rows_int8_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, M, K, C, stride_xm, stride_xk,
+                      BM: tl.constexpr, BK: tl.constexpr, CP: tl.constexpr, DEINTERLEAVE: tl.constexpr):
+    """Codes of one column chunk of BM rows; the row's amax from the chunk maxima (``C`` > 1) or
+    from the chunk itself (one chunk per row)."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    chunk = tl.program_id(1)
+    cols = chunk * BK + tl.arange(0, BK)
+    rmask = rows < M
+    m = rmask[:, None] & (cols < K)[None, :]
+    a = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=m, other=0.0).to(tl.float32)
+    if CP == 1:
+        amax = row_amax(a)
+    else:
+        cs = tl.arange(0, CP)
+        part = tl.load(amax_ptr + rows[:, None] * C + cs[None, :], mask=rmask[:, None] & (cs < C)[None, :],
+                       other=0.0)
+        amax = tl.max(part, axis=1)
     s = amax_to_scale(amax, 127.0)
-    tl.store(s_ptr + rows, s, mask=rmask)
-    for k0 in range(0, K, BK):
-        m = rmask[:, None] & ((k0 + offs) < K)[None, :]
-        a = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + offs)[None, :] * stride_xk, mask=m, other=0.0)
-        dst = _dest_cols(k0 + offs, K, DEINTERLEAVE)
-        tl.store(q_ptr + rows[:, None] * K + dst[None, :], quant_int8(a.to(tl.float32), s), mask=m)
+    if chunk == 0:
+        tl.store(s_ptr + rows, s, mask=rmask)
+    dst = _dest_cols(cols, K, DEINTERLEAVE)
+    tl.store(q_ptr + rows[:, None] * K + dst[None, :], quant_int8(a, s), mask=m)
 
 
 @triton.jit
@@ -106,15 +125,27 @@ def _rows_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, KB, stride_xm, stride_xk, BM: tl
 
 def quantize_rows_int8(x: torch.Tensor, deinterleave: bool = False):
     """``[M, K]`` float -> (int8 codes ``[M, K]``, fp32 scales ``[M]``), as the reference's
-    ``quantize_tokens_int8`` (codes de-interleaved when asked; K even)."""
+    ``quantize_tokens_int8`` (codes de-interleaved when asked; K even).
+
+    Rows longer than one chunk take two launches, the chunks' maxima then the codes, every chunk its
+    own program: a decode step's few long rows (Mixtral's 14336-column intermediate) would otherwise
+    be a few programs walking their rows twice (about 100 us on an H200)."""
     M, K = x.shape
     q = torch.empty(M, K, dtype=torch.int8, device=x.device)
     s = torch.empty(M, dtype=torch.float32, device=x.device)
-    if M:
-        BM = 4
-        BK = min(1024, triton.next_power_of_2(max(K, 16)))
-        _rows_int8_kernel[(triton.cdiv(M, BM),)](x, q, s, M, K, x.stride(0), x.stride(1), BM=BM, BK=BK,
-                                                 DEINTERLEAVE=deinterleave, num_warps=4)
+    if M == 0 or K == 0:
+        return q, s
+    BM = 1
+    BK = min(ROW_CHUNK, triton.next_power_of_2(max(K, 16)))
+    C = triton.cdiv(K, BK)
+    grid = (triton.cdiv(M, BM), C)
+    amax = s
+    if C > 1:
+        amax = torch.empty(M, C, dtype=torch.float32, device=x.device)
+        _chunk_amax_kernel[grid](x, amax, M, K, C, x.stride(0), x.stride(1), BM=BM, BK=BK, num_warps=4)
+    _rows_int8_kernel[grid](x, q, s, amax, M, K, C, x.stride(0), x.stride(1), BM=BM, BK=BK,
+                            CP=1 if C == 1 else triton.next_power_of_2(C), DEINTERLEAVE=deinterleave,
+                            num_warps=4)
     return q, s
 
 

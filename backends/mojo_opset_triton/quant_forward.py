@@ -16,19 +16,16 @@ from mojo_opset.backend import OpImpl
 from mojo_opset.contract.names import MOE_QUANT_EXPERTS, QUANT_MOE_FORWARD
 
 from .align_kernel import MAX_EXPERTS
-from .platform import interpreter_on
-from .quant_launch import quant_reasons
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+from .platform import TritonOpImpl, eager
+from .quant_launch import quant_experts_rows, quant_fused_moe_forward, quant_reasons
 
 
-class _QuantImpl(OpImpl):
-    dtypes = _FLOATS
+class _QuantImpl(TritonOpImpl):
+    """Eager calls launch the kernels directly; traced ones (``torch.compile``, dispatch modes) go
+    through the ``torch.library`` ops."""
+
     limits = {"num_experts": MAX_EXPERTS}
     supports_autograd = False
-
-    def state_key(self):
-        return interpreter_on()
 
     def _reasons(self, data: torch.Tensor, q) -> list[str]:
         return quant_reasons(data, q.scheme, q.group_size, q.num_experts)
@@ -45,6 +42,9 @@ class TritonQuantMoeForward(_QuantImpl):
 
     def forward(self, call):
         q = call.qexperts
+        if eager():
+            return quant_fused_moe_forward(call.x, call.topk_ids, call.topk_weights, q.scheme, q.w13_q,
+                                           q.w13_scale, q.w2_q, q.w2_scale, q.group_size)
         return torch.ops.mojo_triton.quant_moe(call.x, call.topk_ids, call.topk_weights, q.w13_q, q.w13_scale,
                                                q.w2_q, q.w2_scale, q.scheme, q.group_size or 0)
 
@@ -57,6 +57,9 @@ class TritonQuantExperts(_QuantImpl):
 
     def forward(self, call):
         q = call.qexperts
+        if eager():
+            return quant_experts_rows(call.permuted_x, call.group_ends, q.scheme, q.w13_q, q.w13_scale,
+                                      q.w2_q, q.w2_scale, q.group_size)
         return torch.ops.mojo_triton.quant_experts(call.permuted_x, call.group_ends, q.w13_q, q.w13_scale, q.w2_q,
                                                    q.w2_scale, q.scheme, q.group_size or 0)
 

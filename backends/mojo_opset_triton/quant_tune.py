@@ -4,9 +4,10 @@
     python -m mojo_opset_triton.quant_tune --schemes w8a8_int8 --shapes qwen3 --tokens 1 64
 
 For each scheme, model shape and token count it times the quantized routed-expert forward (given
-routed ids) of a few candidate configs around :func:`quant_configs.heuristic` (T <= 256 replayed from
-a CUDA graph, with ``tune.py``'s timer) and writes the fastest to ``configs/quant/<gpu>.json``
-(merged with what is there).  Weights are quantized a few experts at a time.
+routed ids) over a two-round local search (tiles, K step, pipeline depth, warps) that starts from the
+point's tuned config, else from :func:`quant_configs.heuristic` (T <= 256 replayed from a CUDA graph,
+with ``tune.py``'s timer), and writes the fastest to ``configs/quant/<gpu>.json`` (merged with what is
+there).  Weights are quantized a few experts at a time.
 """
 from __future__ import annotations
 
@@ -25,16 +26,39 @@ from .tune import DEVICE, TOKENS, make_case, make_timer, time_ms
 
 
 def candidates(base: dict, scheme: str, group, a_bytes: int) -> list[dict]:
-    """The heuristic and its neighbours: column tile, K step, pipeline depth, warps."""
+    """The config and its neighbours: column tile, K step, pipeline depth, warps."""
     out = [base]
     for gemm in ("up", "down"):
         c = base[gemm]
-        for change in ({"BLOCK_N": max(16, c["BLOCK_N"] // 2)}, {"BLOCK_N": min(128, c["BLOCK_N"] * 2)},
+        for change in ({"BLOCK_N": max(16, c["BLOCK_N"] // 2)}, {"BLOCK_N": min(256, c["BLOCK_N"] * 2)},
                        {"BLOCK_K": c["BLOCK_K"] * 2}, {"BLOCK_K": max(32, c["BLOCK_K"] // 2)},
                        {"num_stages": c["num_stages"] + 1}, {"num_warps": 8 if c["num_warps"] == 4 else 4}):
             out.append(dict(base, **{gemm: dict(c, **change)}))
     uniq = {json.dumps(legalize(c, scheme, group, a_bytes), sort_keys=True) for c in out}
     return [json.loads(u) for u in sorted(uniq)]
+
+
+def search(time_cfg, base: dict, scheme: str, group, a_bytes: int, rounds: int = 2):
+    """Best (ms, config) of a local search: the neighbours of the heuristic, then of the best so far
+    (configs the compiler rejects are skipped)."""
+    best, seen = None, set()
+    for _ in range(rounds):
+        start = best[1] if best else base
+        for cfg in candidates(start, scheme, group, a_bytes):
+            key = json.dumps(cfg, sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                ms = time_cfg(cfg)
+            except Exception as exc:   # a config the compiler rejects (resources)
+                print(f"  skip {cfg}: {type(exc).__name__}")
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, cfg)
+        if best is None or best[1] == start:
+            break
+    return best
 
 
 def quantize(w13, w2, scheme, chunk=16):
@@ -70,20 +94,16 @@ def main(argv=None) -> int:
             for T in args.tokens:
                 x, ids, w = make_case(model, T)
                 base = heuristic(scheme, T, model.E, model.H, model.I, model.K, group, dtype, sms)
-                best = None
-                for cfg in candidates(base, scheme, group, 2):
-                    def fn(cfg=cfg):
-                        return quant_fused_moe_forward(x, ids, w, scheme, q.w13_q, q.w13_scale, q.w2_q,
-                                                       q.w2_scale, q.group_size, cfg=cfg)
-                    try:
-                        ms = time_ms(timer, fn, T)
-                    except Exception as exc:   # a config the compiler rejects (resources) is skipped
-                        print(f"  skip {cfg}: {type(exc).__name__}")
-                        continue
-                    if best is None or ms < best[0]:
-                        best = (ms, cfg)
-                base_ms = time_ms(timer, lambda: quant_fused_moe_forward(
-                    x, ids, w, scheme, q.w13_q, q.w13_scale, q.w2_q, q.w2_scale, q.group_size, cfg=base), T)
+
+                def time_cfg(cfg):
+                    return time_ms(timer, lambda: quant_fused_moe_forward(
+                        x, ids, w, scheme, q.w13_q, q.w13_scale, q.w2_q, q.w2_scale, q.group_size, cfg=cfg), T)
+
+                # from the config already tuned for this point, if any (a re-tune refines it)
+                tuned = table.get(key, {}).get(str(T))
+                start = legalize(tuned, scheme, group, 2) if tuned else base
+                best = search(time_cfg, start, scheme, group, 2)
+                base_ms = time_cfg(base)
                 print(f"{scheme} {model.name} T={T}: heuristic {base_ms:.4g} ms, best {best[0]:.4g} ms", flush=True)
                 table.setdefault(key, {})[str(T)] = best[1]
             del q

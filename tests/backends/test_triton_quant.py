@@ -81,12 +81,18 @@ def test_fused_forward_matches_reference(scheme, dtype, tiles):
         torch.testing.assert_close(y, ref, **_tol(scheme, dtype), msg=lambda m: f"{scheme} {T, H, I, E, K}: {m}")
 
 
-def test_int8_row_quantization_is_the_reference():
+@pytest.mark.parametrize("chunk", [None, 32])
+def test_int8_row_quantization_is_the_reference(chunk, monkeypatch):
+    """One chunk per row, and rows of several chunks (chunk maxima first, then the codes per chunk)."""
+    from mojo_opset_triton import quant_act_kernel
     from mojo_opset_triton.quant_act_kernel import deinterleave_rows, quantize_rows_int8
 
+    if chunk:
+        monkeypatch.setattr(quant_act_kernel, "ROW_CHUNK", chunk)     # 70 columns: 3 chunks, the last partial
     x = torch.randn(9, 70).to(DEV) * torch.rand(9, 1).to(DEV) * 10
     x[3] = 0.0                                               # an all-zero row: tiny scale, zero codes
     x[5, :7] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, 63.5, -127.0])  # ties relative to the scale
+    x[7, 50] = 200.0                                         # the row's max in a later chunk
     q, s = quantize_rows_int8(x)
     q_ref, s_ref = quantize_tokens_int8(x)
     assert torch.equal(s, s_ref)
