@@ -115,6 +115,24 @@ def test_fp8_row_quantization_is_the_reference():
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
+@pytest.mark.parametrize("scheme,dtype", [("w4a16_int4", torch.float16), ("w4a8_int4", torch.float32)]
+                         + ([("w4a16_int4", torch.bfloat16), ("w4a8_int4", torch.bfloat16)] if GPU else []))
+def test_int4_code_paths_are_bit_identical(scheme, dtype, monkeypatch):
+    """The bit-trick code conversions (per element; packed PTX on an NVIDIA GPU) give exactly the
+    bits of the int-to-float conversion, for both int4 schemes, with one and several groups per K step."""
+    from mojo_opset_triton import quant_kernel as qk
+
+    paths = [qk.CODES_BITS] + ([qk.CODES_PTX] if GPU and torch.version.hip is None else [])
+    for i, (T, H, I, E, K, group) in enumerate(_shapes(scheme)[:2]):
+        x, ids, w, q = _problem(T, H, I, E, K, scheme, dtype, group, seed=10 + i)
+        for tiles in ("default", "wide"):
+            monkeypatch.setattr(qk, "CODES_OVERRIDE", qk.CODES_CONVERT)
+            want = _run(x, ids, w, q, _cfg(x, q, tiles))
+            for path in paths:
+                monkeypatch.setattr(qk, "CODES_OVERRIDE", path)
+                assert torch.equal(_run(x, ids, w, q, _cfg(x, q, tiles)), want), (path, tiles, i)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_nan_token_and_out_of_range_ids(scheme):
     T, H, I, E, K, group = _shapes(scheme)[0]
