@@ -17,8 +17,8 @@ SwiGLU is applied in the epilogue (rounded to the activation dtype before and af
 Otherwise: the down projection over the intermediate rows, with the router weight of each pair
 applied in the epilogue, stored per pair (or per token when K == 1).
 
-int4 codes become dot operands without int-to-float conversions (``_int4_codes``: bit tricks on packed
-words; for 8-bit activations, 16x the codes as int8 with the 1/16 folded into the group scale).
+int4 codes become dot operands by bit tricks on packed words rather than a conversion per element
+(``_int4_codes``; for 8-bit activations, 16x the codes as int8 with the 1/16 folded into the group scale).
 int4: byte j of a row holds codes 2j (low nibble) and 2j+1 (high nibble), so a K step is two dots:
 the even columns of A with the low nibbles and the odd columns with the high ones.  For int4 schemes
 A is therefore kept *de-interleaved*: each row holds its even columns in ``[0, K/2)`` and its odd ones
@@ -76,8 +76,8 @@ def _load(ptrs, mask, FP8: tl.constexpr, ZERO: tl.constexpr):
 # PTX over 4 packed bytes (8 codes): the low and the high nibbles, each XOR 8, placed under the
 # exponent byte of 128 (bf16: 0x43) or 1024 (fp16: 0x64), read 136 + code (1032 + code); one packed
 # subtraction per pair makes them exact codes.  2 LOP3 + 1 shift + 4 PRMT + 4 packed subtractions per
-# 8 codes, no int-to-float conversion: the decode K loop (sm_90) has 44% of the instructions of the
-# converting path, and the int4 GEMMs ran 1.5-2.3x faster on an H200.
+# 8 codes: the decode K loop (sm_90) has 44% of the instructions of the per-element sign extension
+# and conversion, and the int4 GEMMs at T <= 64 ran 1.2-2.3x faster on an H200.
 _NIBBLES_PTX = """{
 .reg .b32 t, u, e, c;
 lop3.b32 t, $4, 0x0F0F0F0F, 0x08080808, 0x6a;
@@ -112,7 +112,7 @@ def _int4_codes(w, AFMT: tl.constexpr, DOT_DT: tl.constexpr, CODES: tl.constexpr
     """(low, high) nibbles of the packed uint8 bytes ``w`` as the dot's operand: for 8-bit activations
     16x the codes as int8 (the caller scales by 1/16, exactly), else the codes in ``DOT_DT``.
 
-    ``CODES``: CODES_CONVERT through the int-to-float instructions (fp32 dots; the interpreter's bf16),
+    ``CODES``: CODES_CONVERT sign extension and conversion per element (fp32 dots; the interpreter's bf16),
     CODES_BITS the same bit tricks as the PTX per element (any device), CODES_PTX packed (NVIDIA)."""
     if CODES == 2:
         if AFMT != 0:
@@ -325,7 +325,7 @@ def _qgemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, row_src_ptr, block_expe
 
 def codes_mode(a, afmt: int, dot_dt) -> int:
     """How the int4 codes become dot operands: packed PTX on NVIDIA GPUs, the same bit tricks per
-    element elsewhere (the interpreter), the int-to-float conversion for fp32 dots."""
+    element elsewhere (the interpreter), the per-element conversion for fp32 dots."""
     if CODES_OVERRIDE is not None:
         return CODES_OVERRIDE
     if afmt == A_FLOAT and dot_dt is tl.float32:

@@ -119,7 +119,7 @@ def test_fp8_row_quantization_is_the_reference():
                          + ([("w4a16_int4", torch.bfloat16), ("w4a8_int4", torch.bfloat16)] if GPU else []))
 def test_int4_code_paths_are_bit_identical(scheme, dtype, monkeypatch):
     """The bit-trick code conversions (per element; packed PTX on an NVIDIA GPU) give exactly the
-    bits of the int-to-float conversion, for both int4 schemes, with one and several groups per K step."""
+    bits of the per-element conversion, for both int4 schemes, with one and several groups per K step."""
     from mojo_opset_triton import quant_kernel as qk
 
     paths = [qk.CODES_BITS] + ([qk.CODES_PTX] if GPU and torch.version.hip is None else [])
