@@ -72,7 +72,9 @@ def heuristic(scheme: str, T: int, E: int, H: int, I: int, K: int, group: int | 
     wf, af = FORMATS[scheme]
     active, m, (bm, warps, stages, gm) = row_tile(T, E, K)
     decode = bm <= 32
-    if wf == "fp8" or af == "int8":
+    if wf == "fp8" or af == "int8" or (wf == "int4" and dtype != torch.float32):
+        # int4: a 128-column step is 64 bytes per weight row; at large sizes 64-column steps ran
+        # 1.3-1.5x slower (H200, bf16, the tuner's runs: everything else equal)
         bk = 128
     else:
         bk = 128 if decode else 64
