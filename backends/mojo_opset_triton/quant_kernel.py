@@ -191,13 +191,12 @@ def _mma(acc, a, a_ev, a_od, sa, w_ptrs, s_ptrs, stride_sk, kstep, kw_left, mask
         w = _load(w_ptrs, (offs_kw < kw_left)[:, None] & mask_n[None, :], WFMT == 2, True)
     if WFMT == 0:
         if AFMT == 0:
-            acc = _dot(a, w.to(DOT_DT), acc, IEEE, False)    # Triton converts int8 without I2F
+            acc = _fdot(a, w.to(DOT_DT), acc, IEEE)
         else:
-            acc = _dot(a, w, acc, IEEE, True)
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
     elif WFMT == 2:
         sw = tl.load(s_ptrs + kstep * stride_sk)
-        part = _dot(a, w, tl.zeros(acc.shape, dtype=tl.float32), IEEE, False)
-        acc += part * sa[:, None] * sw
+        acc += tl.dot(a, w) * sa[:, None] * sw
     else:
         lo, hi = _int4_codes(w, AFMT, DOT_DT, CODES)
         acc = _int4_groups(acc, a_ev, a_od, lo, hi, s_ptrs, stride_sk, kstep, kw_left, mask_n,

@@ -39,8 +39,8 @@ def candidates(base: dict, scheme: str, group, a_bytes: int) -> list[dict]:
 
 
 def search(time_cfg, base: dict, scheme: str, group, a_bytes: int, rounds: int = 2):
-    """Best (ms, config) of a local search: the neighbours of the heuristic, then of the best so far
-    (configs the compiler rejects are skipped)."""
+    """Best (ms, config) of a local search: ``base`` and its neighbours, then the neighbours of the
+    best so far (configs the compiler rejects are skipped)."""
     best, seen = None, set()
     for _ in range(rounds):
         start = best[1] if best else base
