@@ -21,7 +21,8 @@ import torch
 
 from . import registry
 from .contract.names import OPS, env_name
-from .environ import env_flag, getenv
+from .environ import env_flag, getenv, raw_values
+from .modes import _ctx as _ctx_deterministic
 from .modes import deterministic, is_deterministic  # noqa: F401  (re-exported: part of the selection state)
 from .registry import REFERENCE
 from .suggest import did_you_mean
@@ -225,8 +226,8 @@ class _Stats:
 _stats = _Stats()
 _stats_lock = threading.Lock()
 _local = threading.local()
-_reason_cache: dict[Any, tuple[str, ...]] = {}
-_REASON_CACHE_MAX = 4096
+_decision_cache: dict[Any, tuple] = {}
+_DECISION_CACHE_MAX = 4096
 
 
 def _last() -> dict:
@@ -238,7 +239,7 @@ def _last() -> dict:
 
 def clear_caches() -> None:
     _default_cache.clear()
-    _reason_cache.clear()
+    _decision_cache.clear()
     _selected.clear()
 
 
@@ -304,21 +305,35 @@ def collecting(mute: bool = False) -> Iterator[list]:
 
 
 def record_again(records) -> None:
-    """Count collected calls once more (a graph replay of them serves the same implementations)."""
-    for rec in records:
-        _record(*rec)
+    """Count collected calls once more (a graph replay of them serves the same implementations):
+    what :func:`_record` does for each, with one lock for all (no fallback among them)."""
+    if torch.compiler.is_compiling() or any(rec[2] == "fallback" for rec in records):
+        for rec in records:
+            _record(*rec)
+        return
+    collected = getattr(_local, "collect", None)
+    if collected is not None:
+        collected.extend(records)
+        if collected.mute:
+            return
+    last = _last()
+    with _stats_lock:
+        served = _stats.served
+        for op, backend, served_by, reasons in records:
+            last[op] = (backend, served_by, reasons)
+            served[(op, backend, served_by)] += 1
 
 
 def selection_state() -> tuple:
     """Everything besides a call's signature that selection and decisions read: the context's
-    backend, strict and deterministic choices and their environment variables (a cache keyed by
-    call signatures adds this to its key)."""
+    backend, strict and deterministic choices and their environment variables, undecoded (a cache
+    keyed by call signatures adds this to its key)."""
     ctx = _ctx_backend.get()
-    return (frozenset(ctx.items()) if ctx else None, _ctx_strict.get(), is_deterministic(),
-            tuple(map(getenv, _STATE_VARS)))
+    return (frozenset(ctx.items()) if ctx else None, _ctx_strict.get(), _ctx_deterministic.get(),
+            raw_values(_STATE_VARS))
 
 
-_STATE_VARS = ("MOJO_BACKEND", "MOJO_STRICT", *_ENV_NAMES.values())
+_STATE_VARS = ("MOJO_BACKEND", "MOJO_STRICT", "MOJO_DETERMINISTIC", *_ENV_NAMES.values())
 
 
 def _as_record(rec) -> dict:
@@ -386,31 +401,38 @@ def decide(call, backend: str | None = None, grad_rebuilt: bool = False):
     """``(backend_id, impl_or_None, served_by, reasons)`` for a typed call, without running it.
 
     ``grad_rebuilt``: the caller rebuilds the differentiable outputs itself (gating), so a call
-    that needs grad does not require an implementation with a backward."""
+    that needs grad does not require an implementation with a backward.  A repeated call (same
+    backend state, signature, grad mode) is one dictionary lookup: the signature holds every
+    tensor's ``requires_grad``, so the whole decision, autograd part included, is cached."""
     op = call.op
-    name = select_backend(op, call.device.type, backend)
+    name = select_backend(op, call.tensor.device.type, backend)
     if name == REFERENCE:
         return REFERENCE, None, "reference", ()
-    entry = registry.get_entry(name)
-    impl = entry.impls().get(op)
+    impl = registry.get_entry(name).impls().get(op)
     if impl is None:
         return name, None, "no override", ()
-    key = reasons = None
+    key = None
     if not torch.compiler.is_compiling():   # a compiled graph decides once, at trace time
         try:
-            key = (name, impl.state_key(), call.signature())
-            reasons = _reason_cache.get(key)      # one hash of the key per call
-        except Exception:  # an unhashable signature part: decide without caching
-            key = None
-    if reasons is None:
-        try:
-            reasons = tuple(impl.declared_reasons(call, entry.backend.device_types))
-        except Exception as exc:  # a capability check must not crash the caller
-            reasons = (f"capability check raised {type(exc).__name__}: {exc}",)
-        if key is not None:
-            if len(_reason_cache) >= _REASON_CACHE_MAX:
-                _reason_cache.clear()
-            _reason_cache[key] = reasons
+            key = (name, impl.state_key(), torch.is_grad_enabled(), grad_rebuilt, call.signature())
+            hit = _decision_cache.get(key)      # one hash of the key per call
+        except Exception:  # a signature part that cannot be built or hashed: decide without caching
+            key = hit = None
+        if hit is not None:
+            return hit
+    decision = _decide(call, name, impl, grad_rebuilt)
+    if key is not None:
+        if len(_decision_cache) >= _DECISION_CACHE_MAX:
+            _decision_cache.clear()
+        _decision_cache[key] = decision
+    return decision
+
+
+def _decide(call, name: str, impl, grad_rebuilt: bool):
+    try:
+        reasons = tuple(impl.declared_reasons(call, registry.get_entry(name).backend.device_types))
+    except Exception as exc:  # a capability check must not crash the caller
+        reasons = (f"capability check raised {type(exc).__name__}: {exc}",)
     if not reasons and not grad_rebuilt:
         if not impl.supports_autograd:
             if call.needs_grad():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["getenv", "env_flag"]
+__all__ = ["getenv", "env_flag", "raw_values"]
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -51,3 +51,18 @@ def env_flag(var: str, default: bool = False) -> bool:
     spellings is an error, never ignored."""
     value = getenv(var)
     return _parse_flag(var, value) if value else default
+
+
+def raw_values(variables: tuple[str, ...]) -> tuple:
+    """The stored values of several variables at once (None where unset), undecoded: a cache key
+    that changes exactly when one of the variables does."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:
+        return tuple(map(getenv, variables))
+    keys = _encoded.get(variables)
+    if keys is None:
+        keys = _encoded[variables] = tuple(map(os.environ.encodekey, variables))
+    return tuple(map(data.get, keys))
+
+
+_encoded: dict[tuple, tuple] = {}

@@ -91,7 +91,7 @@ def _scatter_kernel(ids_ptr, P, E, base_ptr, row_src_ptr, pair_row_ptr, CHUNK: t
 @triton.jit
 def _align_small_kernel(ids_ptr, P, E, align, tpe_ptr, ends_ptr, row_src_ptr, R, pair_row_ptr,
                         block_expert_ptr, n_blocks, BLOCK_M: tl.constexpr, BP: tl.constexpr, BE: tl.constexpr,
-                        BR: tl.constexpr):
+                        BR: tl.constexpr, FILL: tl.constexpr):
     """All three steps in one program when every pair fits one tile (decode sizes: one launch)."""
     r = tl.arange(0, BP)
     inb = r < P
@@ -109,13 +109,15 @@ def _align_small_kernel(ids_ptr, P, E, align, tpe_ptr, ends_ptr, row_src_ptr, R,
     rank = tl.sum(((e[:, None] == e[None, :]) & (r[None, :] < r[:, None])).to(tl.int32), axis=1)
     dest = tl.where(ok, start + rank, -1)
     tl.store(pair_row_ptr + r, dest, mask=inb)
-    # each row finds its pair (or none): no row is written twice, so no ordering between stores
+    # every row padding first, then each pair's row: the barrier orders a row's two writes (a
+    # search of each row's pair instead costs rows x pairs compares, 50-70 us in one program)
+    fr = tl.arange(0, FILL)
+    for r0 in range(0, R, FILL):
+        row = r0 + fr
+        tl.store(row_src_ptr + row, tl.full([FILL], -1, tl.int32), mask=row < R)
+    tl.debug_barrier()
+    tl.store(row_src_ptr + dest, r, mask=ok)
     rr = tl.arange(0, BR)
-    for r0 in range(0, R, BR):
-        row = r0 + rr
-        match = dest[None, :] == row[:, None]
-        src = tl.max(tl.where(match, r[None, :], -1), axis=1)
-        tl.store(row_src_ptr + row, src, mask=row < R)
     ends_m = tl.where(emask, ends, 2147483647)
     total_rows = tl.max(tl.where(emask, ends, 0), axis=0)
     for b0 in range(0, n_blocks, BR):
@@ -126,6 +128,12 @@ def _align_small_kernel(ids_ptr, P, E, align, tpe_ptr, ends_ptr, row_src_ptr, R,
 
 
 SMALL_TILE = 32768  # pairs x experts of the one-program path
+
+
+def _warps(tile: int) -> int:
+    """Warps for a program holding a ``tile``-element one-hot block: at most 64 elements per thread
+    (4 warps on a 32K-element tile keep 256 per thread, spilled to local memory)."""
+    return max(4, min(16, tile // 2048))
 
 
 def _chunk(num_experts: int) -> int:
@@ -160,9 +168,10 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, align: int, rows: int,
     BE = triton.next_power_of_2(E)
     BP = triton.next_power_of_2(max(P, 1))
     if BP * BE <= SMALL_TILE and BP <= 256:
-        BR = max(16, min(128, 8192 // BP))
+        BR = max(16, min(128, 8192 // BE))
         _align_small_kernel[(1,)](flat, P, E, align, tpe, ends, row_src, rows, pair_row, block_expert, n_blocks,
-                                  BLOCK_M=max(block_m, 1), BP=BP, BE=BE, BR=BR, num_warps=4)
+                                  BLOCK_M=max(block_m, 1), BP=BP, BE=BE, BR=BR, FILL=1024,
+                                  num_warps=_warps(BP * BE))
         return tpe, ends, row_src, pair_row, (block_expert[:n_blocks] if block_m else None)
     CHUNK = _chunk(E)
     n_chunks = triton.cdiv(P, CHUNK)
@@ -170,7 +179,8 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, align: int, rows: int,
     base = torch.empty_like(counts)
     FILL = 1024
     grid = max(n_chunks, triton.cdiv(rows, FILL), 1)
-    _histogram_kernel[(grid,)](flat, P, counts, row_src, rows, E, CHUNK=CHUNK, BE=BE, FILL=FILL, num_warps=4)
+    _histogram_kernel[(grid,)](flat, P, counts, row_src, rows, E, CHUNK=CHUNK, BE=BE, FILL=FILL,
+                               num_warps=_warps(CHUNK * BE))
     CH = max(1, min(16, 4096 // BE))
     _scan_kernel[(1,)](counts, n_chunks, E, align, tpe, ends, base, block_expert, n_blocks,
                        BLOCK_M=max(block_m, 1), BE=BE, CH=CH, BB=max(1, min(64, 8192 // BE)), num_warps=4)

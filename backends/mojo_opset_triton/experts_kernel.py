@@ -32,19 +32,28 @@ def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _row_sources(row_src_ptr, offs_m, pid_m, BLOCK_M: tl.constexpr, PAIR_ROWS: tl.constexpr):
+    """The pair of each row of a row block (-1: padding).  ``PAIR_ROWS``: block b holds pair b
+    alone, in its first row, and its expert is ``topk_ids[b]`` (no align step: decode sizes)."""
+    if PAIR_ROWS:
+        return tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, -1)
+    return tl.load(row_src_ptr + offs_m)
+
+
 @triton.jit(do_not_specialize=["num_m"])
-def _up_kernel(x_ptr, w_ptr, out_ptr, row_src_ptr, block_expert_ptr, num_m, I, H, TOPK,
+def _up_kernel(x_ptr, w_ptr, out_ptr, row_src_ptr, block_expert_ptr, num_m, I, H, TOPK, E,
                stride_xt, stride_xh, stride_we, stride_wn, stride_wk, h_ptr, h_shift_ptr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-               STORE_H: tl.constexpr, ROWDOT: tl.constexpr):
+               STORE_H: tl.constexpr, ROWDOT: tl.constexpr, PAIR_ROWS: tl.constexpr):
     pid = tl.program_id(0)
     pid_m, pid_n = _tile_ids(pid, num_m, tl.cdiv(I, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
-    if e < 0:
+    if (e < 0) | (e >= E):
         return
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    src = tl.load(row_src_ptr + offs_m)
+    src = _row_sources(row_src_ptr, offs_m, pid_m, BLOCK_M, PAIR_ROWS)
     valid_m = src >= 0
     tok = tl.where(valid_m, src // TOPK, 0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -99,18 +108,18 @@ def _up_kernel(x_ptr, w_ptr, out_ptr, row_src_ptr, block_expert_ptr, num_m, I, H
 
 
 @triton.jit(do_not_specialize=["num_m"])
-def _down_kernel(a_ptr, w_ptr, y_ptr, row_src_ptr, block_expert_ptr, weight_ptr, num_m, H, I, TOPK,
+def _down_kernel(a_ptr, w_ptr, y_ptr, row_src_ptr, block_expert_ptr, weight_ptr, num_m, H, I, TOPK, E,
                  stride_we, stride_wn, stride_wk, stride_yr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                 PER_TOKEN: tl.constexpr, ROWDOT: tl.constexpr):
+                 PER_TOKEN: tl.constexpr, ROWDOT: tl.constexpr, PAIR_ROWS: tl.constexpr):
     pid = tl.program_id(0)
     pid_m, pid_n = _tile_ids(pid, num_m, tl.cdiv(H, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
-    if e < 0:
+    if (e < 0) | (e >= E):
         return
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    src = tl.load(row_src_ptr + offs_m)
+    src = _row_sources(row_src_ptr, offs_m, pid_m, BLOCK_M, PAIR_ROWS)
     valid_m = src >= 0
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < H
@@ -148,31 +157,34 @@ def _down_kernel(a_ptr, w_ptr, y_ptr, row_src_ptr, block_expert_ptr, weight_ptr,
              mask=valid_m[:, None] & mask_n[None, :])
 
 
-def up_proj(x, w13, inter, row_src, block_expert, top_k, cfg, upcast, ieee, h=None, h_shift=None, rowdot=False):
+def up_proj(x, w13, inter, row_src, block_expert, top_k, cfg, upcast, ieee, h=None, h_shift=None, rowdot=False,
+            pair_rows=False):
     """``h``/``h_shift`` (training): also store the pre-activation in compact rows (see _up_kernel);
-    ``rowdot``: see the module's docstring."""
+    ``rowdot``: see the module's docstring; ``pair_rows``: one pair per row block, ``block_expert``
+    is then the flat int32 ids and ``row_src`` is not read (see ``_row_sources``)."""
     R = inter.shape[0]
     I = inter.shape[1]
     H = x.shape[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     num_m = R // bm
     grid = (num_m * triton.cdiv(I, bn),)
-    _up_kernel[grid](x, w13, inter, row_src, block_expert, num_m, I, H, top_k,
+    _up_kernel[grid](x, w13, inter, row_src, block_expert, num_m, I, H, top_k, w13.shape[0],
                      x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2),
                      inter if h is None else h, block_expert if h_shift is None else h_shift,
                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=H % bk == 0,
-                     UPCAST=upcast, IEEE=ieee, STORE_H=h is not None, ROWDOT=rowdot,
+                     UPCAST=upcast, IEEE=ieee, STORE_H=h is not None, ROWDOT=rowdot, PAIR_ROWS=pair_rows,
                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def down_proj(inter, w2, y, row_src, block_expert, weights_flat, top_k, cfg, upcast, ieee, per_token, rowdot=False):
+def down_proj(inter, w2, y, row_src, block_expert, weights_flat, top_k, cfg, upcast, ieee, per_token, rowdot=False,
+              pair_rows=False):
     R, I = inter.shape
     H = w2.shape[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     num_m = R // bm
     grid = (num_m * triton.cdiv(H, bn),)
-    _down_kernel[grid](inter, w2, y, row_src, block_expert, weights_flat, num_m, H, I, top_k,
+    _down_kernel[grid](inter, w2, y, row_src, block_expert, weights_flat, num_m, H, I, top_k, w2.shape[0],
                        w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=I % bk == 0,
-                       UPCAST=upcast, IEEE=ieee, PER_TOKEN=per_token, ROWDOT=rowdot,
+                       UPCAST=upcast, IEEE=ieee, PER_TOKEN=per_token, ROWDOT=rowdot, PAIR_ROWS=pair_rows,
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

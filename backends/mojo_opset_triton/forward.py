@@ -1,5 +1,5 @@
 """moe_forward: the fused MoE forward, align -> up GEMM (gather + SwiGLU) -> down GEMM (router weight)
--> combine, its launcher and OpImpl.  Training calls go through ``custom_ops.fused_moe_autograd``
+-> combine, its launcher and OpImpl (one token: no align, a row block per pair).  Training calls go through ``custom_ops.fused_moe_autograd``
 (forward saving the pre-activation, backward in ``training.py``)."""
 from __future__ import annotations
 
@@ -42,29 +42,37 @@ def fused_moe_forward(x, topk_ids, topk_weights, w13, w2, cfg=None, save_h=False
     cfg = cfg or (deterministic_config(x) if deterministic else get_config(x, T, E, H, I, K))
     bm = cfg["BLOCK_M"]
     ids = topk_ids.to(torch.int32).contiguous()
-    R = gemm_rows(P, E, bm)
-    tpe, ends, row_src, _, block_expert = align_pairs(ids, E, bm, R, bm)
     upcast, ieee = kernel_flags(x)
     rowdot = deterministic and x.device.type == "cpu"     # the interpreter's tl.dot is not row-invariant
-    inter = torch.empty(R, I, dtype=x.dtype, device=x.device)
     h = torch.empty(P, 2 * I, dtype=x.dtype, device=x.device) if save_h else None
+    pair_rows = T == 1 and not (save_h or deterministic)
+    if pair_rows:
+        # one token: its K experts are distinct, so each pair gets a row block of its own and the
+        # blocks' experts are the ids themselves; no align launch (a tenth of a decode step)
+        R, row_src, block_expert = P * bm, ids, ids.view(-1)
+    else:
+        R = gemm_rows(P, E, bm)
+        tpe, ends, row_src, _, block_expert = align_pairs(ids, E, bm, R, bm)
+    inter = torch.empty(R, I, dtype=x.dtype, device=x.device)
     up_proj(x, w13, inter, row_src, block_expert, K, dict(cfg["up"], BLOCK_M=bm), upcast, ieee,
-            h=h, h_shift=compact_shift(tpe, ends, bm) if save_h else None, rowdot=rowdot)
-    out = _down_and_combine(inter, w2, row_src, block_expert, ids, topk_weights, T, E, cfg, upcast, ieee, rowdot)
+            h=h, h_shift=compact_shift(tpe, ends, bm) if save_h else None, rowdot=rowdot, pair_rows=pair_rows)
+    out = _down_and_combine(inter, w2, row_src, block_expert, ids, topk_weights, T, E, cfg, upcast, ieee, rowdot,
+                            pair_rows)
     return (out, h) if save_h else out
 
 
-def _down_and_combine(inter, w2, row_src, block_expert, ids, topk_weights, T, E, cfg, upcast, ieee, rowdot=False):
+def _down_and_combine(inter, w2, row_src, block_expert, ids, topk_weights, T, E, cfg, upcast, ieee, rowdot=False,
+                      pair_rows=False):
     K, H, dt, dev = ids.shape[1], w2.shape[1], inter.dtype, inter.device
     bm = cfg["BLOCK_M"]
     w_flat = topk_weights.to(torch.float32).contiguous().view(-1)
     down_cfg = dict(cfg["down"], BLOCK_M=bm)
     if K == 1:
         out = torch.zeros(T, H, dtype=dt, device=dev)   # ids out of range leave zeros
-        down_proj(inter, w2, out, row_src, block_expert, w_flat, K, down_cfg, upcast, ieee, True, rowdot)
+        down_proj(inter, w2, out, row_src, block_expert, w_flat, K, down_cfg, upcast, ieee, True, rowdot, pair_rows)
         return out
     y_pairs = torch.empty(T * K, H, dtype=dt, device=dev)
-    down_proj(inter, w2, y_pairs, row_src, block_expert, w_flat, K, down_cfg, upcast, ieee, False, rowdot)
+    down_proj(inter, w2, y_pairs, row_src, block_expert, w_flat, K, down_cfg, upcast, ieee, False, rowdot, pair_rows)
     return sum_pairs(y_pairs, ids, E, dt)
 
 

@@ -17,8 +17,15 @@ _ON = ("1", "true", "yes", "on")
 _NULL = contextlib.nullcontext()
 
 
+_interpret_values: dict[str, bool] = {}
+
+
 def interpreter_on() -> bool:
-    return getenv("TRITON_INTERPRET").strip().lower() in _ON
+    raw = getenv("TRITON_INTERPRET")
+    on = _interpret_values.get(raw)
+    if on is None:
+        on = _interpret_values[raw] = raw.strip().lower() in _ON
+    return on
 
 
 def unavailable_reason() -> str | None:

@@ -20,6 +20,9 @@ FP8_GROUP = 128
 # columns per program of the int8 row quantization: a few elements per thread, since each correctly
 # rounded division is a long dependent sequence (1024-column programs took 8 us for a decode step)
 ROW_CHUNK = 512
+# at most this many elements read by the one-launch path, whose every chunk program reads its whole
+# row (C x the input); beyond it, chunk maxima first, then the codes (two launches)
+REREAD_ELEMENTS = 1 << 21
 
 
 @triton.jit
@@ -79,8 +82,9 @@ def _chunk_amax_kernel(x_ptr, amax_ptr, M, K, C, stride_xm, stride_xk, BM: tl.co
 @triton.jit
 def _rows_int8_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, M, K, C, stride_xm, stride_xk,
                       BM: tl.constexpr, BK: tl.constexpr, CP: tl.constexpr, DEINTERLEAVE: tl.constexpr):
-    """Codes of one column chunk of BM rows; the row's amax from the chunk maxima (``C`` > 1) or
-    from the chunk itself (one chunk per row)."""
+    """Codes of one column chunk of BM rows; the row's amax from the chunk maxima (``CP`` > 1), from
+    the chunk itself (``CP`` == 1: one chunk per row) or from the whole row read by every chunk's
+    program (``CP`` == 0: short inputs, one launch instead of two)."""
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     chunk = tl.program_id(1)
     cols = chunk * BK + tl.arange(0, BK)
@@ -89,6 +93,13 @@ def _rows_int8_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, M, K, C, stride_xm, stride_
     a = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=m, other=0.0).to(tl.float32)
     if CP == 1:
         amax = row_amax(a)
+    elif CP == 0:
+        amax = tl.zeros([BM], dtype=tl.float32)
+        for c0 in range(0, K, BK):
+            cc = c0 + tl.arange(0, BK)
+            part = tl.load(x_ptr + rows[:, None] * stride_xm + cc[None, :] * stride_xk,
+                           mask=rmask[:, None] & (cc < K)[None, :], other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, row_amax(part))
     else:
         cs = tl.arange(0, CP)
         part = tl.load(amax_ptr + rows[:, None] * C + cs[None, :], mask=rmask[:, None] & (cs < C)[None, :],
@@ -127,9 +138,10 @@ def quantize_rows_int8(x: torch.Tensor, deinterleave: bool = False):
     """``[M, K]`` float -> (int8 codes ``[M, K]``, fp32 scales ``[M]``), as the reference's
     ``quantize_tokens_int8`` (codes de-interleaved when asked; K even).
 
-    Rows longer than one chunk take two launches, the chunks' maxima then the codes, every chunk its
-    own program: a decode step's few long rows (Mixtral's 14336-column intermediate) would otherwise
-    be a few programs walking their rows twice (about 100 us on an H200)."""
+    Every chunk of a row is its own program: a decode step's few long rows (Mixtral's 14336-column
+    intermediate) would otherwise be a few programs walking their rows twice (about 100 us on an H200).
+    A chunk's program needs the row's amax: on short inputs it reads the whole row itself (one
+    launch), on longer ones the chunks' maxima come from a first launch."""
     M, K = x.shape
     q = torch.empty(M, K, dtype=torch.int8, device=x.device)
     s = torch.empty(M, dtype=torch.float32, device=x.device)
@@ -139,13 +151,14 @@ def quantize_rows_int8(x: torch.Tensor, deinterleave: bool = False):
     BK = min(ROW_CHUNK, triton.next_power_of_2(max(K, 16)))
     C = triton.cdiv(K, BK)
     grid = (triton.cdiv(M, BM), C)
-    amax = s
-    if C > 1:
-        amax = torch.empty(M, C, dtype=torch.float32, device=x.device)
+    amax, cp = s, 1
+    if C > 1 and M * K * C <= REREAD_ELEMENTS:
+        cp = 0      # every program reads its whole row for the amax: one launch (decode sizes)
+    elif C > 1:
+        amax, cp = torch.empty(M, C, dtype=torch.float32, device=x.device), triton.next_power_of_2(C)
         _chunk_amax_kernel[grid](x, amax, M, K, C, x.stride(0), x.stride(1), BM=BM, BK=BK, num_warps=4)
     _rows_int8_kernel[grid](x, q, s, amax, M, K, C, x.stride(0), x.stride(1), BM=BM, BK=BK,
-                            CP=1 if C == 1 else triton.next_power_of_2(C), DEINTERLEAVE=deinterleave,
-                            num_warps=4)
+                            CP=cp, DEINTERLEAVE=deinterleave, num_warps=4)
     return q, s
 
 

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .experts_kernel import _tile_ids
+from .experts_kernel import _row_sources, _tile_ids
 
 W_INT8, W_INT4, W_FP8 = 0, 1, 2
 A_FLOAT, A_INT8, A_FP8 = 0, 1, 2
@@ -222,21 +222,21 @@ def _dequant(acc, sa, s_ptrs, mask_n, WFMT: tl.constexpr, AFMT: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_m"])
 def _qgemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, row_src_ptr, block_expert_ptr, weight_ptr,
-                  num_m, N, K, TOPK,
+                  num_m, N, K, TOPK, E,
                   stride_am, stride_ak, stride_sam, stride_sak,
                   stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk, stride_om,
                   UP: tl.constexpr, PER_TOKEN: tl.constexpr, WFMT: tl.constexpr, AFMT: tl.constexpr,
                   G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
-                  CODES: tl.constexpr):
+                  CODES: tl.constexpr, PAIR_ROWS: tl.constexpr):
     PACK: tl.constexpr = 2 if WFMT == 1 else 1
     pid = tl.program_id(0)
     pid_m, pid_n = _tile_ids(pid, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
-    if e < 0:
+    if (e < 0) | (e >= E):
         return
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    src = tl.load(row_src_ptr + offs_m)
+    src = _row_sources(row_src_ptr, offs_m, pid_m, BLOCK_M, PAIR_ROWS)
     valid_m = src >= 0
     if UP:
         rows = tl.where(valid_m, src // TOPK, 0).to(tl.int64)
@@ -335,12 +335,12 @@ def codes_mode(a, afmt: int, dot_dt) -> int:
 
 
 def launch(a, sa, w, sw, out, row_src, block_expert, weights_flat, *, up, per_token, top_k, N, K,
-           wfmt, afmt, group, cfg, dot_dt, ieee):
+           wfmt, afmt, group, cfg, dot_dt, ieee, pair_rows=False):
     """One projection: ``a`` rows (x's dtype, or 8-bit codes with scales ``sa``; de-interleaved for
-    int4) x the experts' quantized ``w``."""
-    R = row_src.shape[0]
+    int4) x the experts' quantized ``w``; ``pair_rows``: a row block per pair, ``block_expert`` the
+    flat ids (see experts_kernel._row_sources)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    num_m = R // bm
+    num_m = block_expert.numel() if pair_rows else row_src.shape[0] // bm
     if num_m == 0:
         return
     grid = (num_m * triton.cdiv(N, bn),)
@@ -349,10 +349,10 @@ def launch(a, sa, w, sw, out, row_src, block_expert, weights_flat, *, up, per_to
     s_am = sa.stride(0) if sa.dim() >= 1 else 0
     s_ak = sa.stride(1) if sa.dim() == 2 else 0
     s_sk = sw.stride(2) if sw.dim() == 3 else 0
-    _qgemm_kernel[grid](a, sa, w, sw, out, row_src, block_expert, weights_flat, num_m, N, K, top_k,
+    _qgemm_kernel[grid](a, sa, w, sw, out, row_src, block_expert, weights_flat, num_m, N, K, top_k, w.shape[0],
                         a.stride(0), a.stride(1), s_am, s_ak,
                         w.stride(0), w.stride(1), w.stride(2), sw.stride(0), sw.stride(1), s_sk, out.stride(0),
                         UP=up, PER_TOKEN=per_token, WFMT=wfmt, AFMT=afmt, G=group or 128,
                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=K % bk == 0,
-                        DOT_DT=dot_dt, IEEE=ieee, CODES=codes_mode(a, afmt, dot_dt),
+                        DOT_DT=dot_dt, IEEE=ieee, CODES=codes_mode(a, afmt, dot_dt), PAIR_ROWS=pair_rows,
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -75,11 +75,15 @@ def quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_s, w2_
     bm = cfg["BLOCK_M"]
     ids = topk_ids.to(torch.int32).contiguous()
     P = T * K
-    R = gemm_rows(P, E, bm)
-    _, _, row_src, _, block_expert = align_pairs(ids, E, bm, R, bm)
+    pair_rows = T == 1      # a row block per pair, no align launch (see forward.fused_moe_forward)
+    if pair_rows:
+        R, row_src, block_expert = P * bm, ids, ids.view(-1)
+    else:
+        R = gemm_rows(P, E, bm)
+        _, _, row_src, _, block_expert = align_pairs(ids, E, bm, R, bm)
     upcast, ieee = kernel_flags(x)
     common = dict(top_k=K, wfmt=wfmt, afmt=afmt, group=group, dot_dt=tl.float32 if upcast else _TL[x.dtype],
-                  ieee=ieee)
+                  ieee=ieee, pair_rows=pair_rows)
     int4 = wfmt == W_INT4
 
     a, sa = _a_operand(x, afmt, int4)

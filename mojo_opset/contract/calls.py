@@ -8,13 +8,15 @@ tokens of the call, and the same bits run to run.  Permute has no such field: it
 implementation that did not declare one of them declines the call with a reason (so an option added
 here later is declined by every backend until it says it implements it, never ignored).
 
-:meth:`Call.signature` is what the dispatcher caches decisions by: the op, every tensor's device
-type, dtype, shape and contiguity, and every other field's value.  Reasons must be a pure function
+:meth:`Call.signature` is what the dispatcher caches decisions by: the op, the data tensor's device
+(the core puts every tensor of a call on it), every tensor's dtype, shape, contiguity and
+``requires_grad``, and every other field's value.  Reasons must be a pure function
 of it (and of the implementation's ``state_key()``).
 """
 from __future__ import annotations
 
 import dataclasses
+import operator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -33,9 +35,12 @@ def option(default: Any) -> Any:
     return field(default=default, metadata={"option": True})
 
 
+_PLAIN = frozenset((int, float, str, bool, type(None)))
+
+
 def _spec(v: Any) -> Any:
     if isinstance(v, Tensor):
-        return (v.device, v.dtype, v.shape, v.is_contiguous())
+        return (v.device, v.dtype, v.shape, v.is_contiguous(), v.requires_grad)
     if v is None or isinstance(v, (int, float, str, bool)):
         return v
     if hasattr(v, "signature"):          # RoutingOptions, QuantizedExperts
@@ -58,7 +63,8 @@ def _compute_meta(cls) -> tuple:
     fs = dataclasses.fields(cls)
     names = tuple(f.name for f in fs)
     options = tuple((f.name, f.default) for f in fs if f.metadata.get("option"))
-    return names, None, options
+    getter = operator.attrgetter(*names) if len(names) > 1 else lambda o: tuple(getattr(o, n) for n in names)
+    return names, getter, options
 
 
 class _Fields:
@@ -89,12 +95,26 @@ class _Fields:
                 out[name] = v
         return out
 
+    data: ClassVar[str] = ""      # a Call's data tensor field (its device stands for every tensor's)
+
     def signature(self) -> tuple:
-        out = [type(self).__name__]
-        for n in self._meta()[0]:      # _spec inlined for tensors: this runs on every dispatched call
-            v = getattr(self, n)
-            out.append((v.device, v.dtype, v.shape, v.is_contiguous()) if isinstance(v, Tensor) else _spec(v))
+        """The class, the data tensor's device (the core puts every tensor of a call on it), then
+        per field: a tensor's dtype, shape, contiguity and ``requires_grad``, or the value's spec.
+        Runs on every dispatched call: the tensor spec is inlined."""
+        out = [type(self), getattr(self, self.data).device] if self.data else [type(self)]
+        for v in self._getter()(self):
+            if type(v) in _PLAIN:
+                out.append(v)
+            elif isinstance(v, Tensor):
+                out.append((v.dtype, v.shape, v.is_contiguous(), v.requires_grad))
+            else:
+                out.append(_spec(v))
         return tuple(out)
+
+    @classmethod
+    def _getter(cls):
+        """Every field's value in one call (the signature is never traced by torch.compile)."""
+        return cls._meta()[1]
 
 
 @dataclass(frozen=True, eq=False)

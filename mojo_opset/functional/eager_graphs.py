@@ -79,34 +79,39 @@ def stats() -> dict:
 registry.on_change(clear)
 
 
-def _tensor_key(t):
-    if t is None:
-        return None
-    return t.data_ptr(), t.shape, t.stride(), t.dtype
-
-
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
 
 
 def _key(x, tensors, scalars):
+    """The cache key of an eligible call, or None when the call is not eligible (see the module
+    docstring): x's checks first, then one pass over the other tensors (a non-tensor argument is
+    left to the call's validation)."""
+    if not x.is_cuda or x.dim() == 0:
+        return None
+    h = x.shape[-1]
+    if h == 0 or x.numel() > MAX_TOKENS * h or torch.compiler.is_compiling() or _capturing():
+        return None
+    grad = torch.is_grad_enabled()
+    if grad and x.requires_grad:
+        return None
+    keys = []
+    for t in tensors:
+        if t is None:
+            keys.append(None)
+        elif not isinstance(t, torch.Tensor) or (grad and t.requires_grad):
+            return None
+        else:
+            keys.append((t.data_ptr(), t.shape, t.stride(), t.dtype))
+    if not enabled():
+        return None
     dev = x.device.index
     stream = _raw_stream(dev) if _raw_stream is not None else _stream(x.device)
-    return (x.shape, x.stride(), x.dtype, dev, stream, tuple(map(_tensor_key, tensors)), scalars,
-            selection_state())
-
-
-def _eligible(x, tensors) -> bool:
-    if not x.is_cuda or x.dim() == 0 or x.numel() > MAX_TOKENS * x.shape[-1] or x.shape[-1] == 0:
-        return False
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in tensors)):
-        return False
-    return enabled()
+    return (x.shape, x.stride(), x.dtype, dev, stream, tuple(keys), scalars, selection_state())
 
 
 def _capturable(records) -> bool:
@@ -134,10 +139,10 @@ def cached_forward(x: torch.Tensor, tensors: tuple, scalars: tuple, run):
     """``run(x)``, replayed from a CUDA graph when the same call was seen before (see the module
     docstring).  ``tensors``: every tensor argument besides x (None allowed); ``scalars``: every
     other argument, hashable.  ``run`` must not keep x beyond the call."""
-    if not _eligible(x, tensors):
+    key = _key(x, tensors, scalars)
+    if key is None:
         return run(x)
     try:
-        key = _key(x, tensors, scalars)
         hash(key)
     except TypeError:           # an unhashable argument: no cache
         return run(x)

@@ -9,6 +9,7 @@ parallel group, adds the shared experts and returns the router info when asked. 
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 
@@ -101,13 +102,15 @@ def run_moe(x, gate_weight, top_k, routing_kw, *, experts, quantized, activation
     else:
         weights, kind = tuple(experts), None
     tensors = (gate_weight, routing_kw["gate_bias"], routing_kw["expert_bias"], *shared, *weights)
-    if not all(t is None or isinstance(t, torch.Tensor) for t in tensors):
+    if torch.compiler.is_compiling():
+        if all(t is None or isinstance(t, torch.Tensor) for t in tensors) and inference_op.wanted(x, tensors, backend):
+            return inference_op.call(x, tensors, top_k, routing_kw, kind, activation, return_router_info, backend)
         return run(x)
-    if inference_op.wanted(x, tensors, backend):
-        return inference_op.call(x, tensors, top_k, routing_kw, kind, activation, return_router_info, backend)
-    scalars = (top_k, tuple(routing_kw[k] for k in ROUTING_SCALARS), kind, activation,
-               return_router_info, backend)
-    return cached_forward(x, tensors, scalars, run)
+    scalars = (top_k, _routing_scalars(routing_kw), kind, activation, return_router_info, backend)
+    return cached_forward(x, tensors, scalars, run)       # it checks that `tensors` are tensors
+
+
+_routing_scalars = operator.itemgetter(*ROUTING_SCALARS)
 
 
 inference_op.bind(run_moe)

@@ -68,6 +68,9 @@ def host_times(x, w, K: int, backend: str, device: torch.device, compiled: bool 
         out["launch_eager_us"] = per_call_us(lambda: forward(x), device)
     if compiled:
         try:
+            # every model's `forward` shares one code object: without a reset, later models' calls
+            # would first fail the guards of the earlier models' compiled entries
+            torch.compiler.reset()
             cf = torch.compile(forward, fullgraph=True)
             out["compiled_us"] = per_call_us(lambda: cf(x), device)
         except Exception as exc:  # a compiler problem is reported, not fatal to the benchmark

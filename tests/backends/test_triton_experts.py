@@ -86,6 +86,22 @@ def test_out_of_range_ids_contribute_nothing():
     torch.testing.assert_close(y1, ref1, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("row", [[3, -1, 0], [5, 1, 2], [2, 9, 1]])
+def test_one_token_takes_a_row_block_per_pair(row):
+    """T == 1 skips the align step (each pair its own row block, its id the block's expert): ids
+    out of range still contribute nothing, K == 1 writes the token's row directly."""
+    x, _, w13, w2 = _layer(1, 32, 16, 6, torch.float32, seed=11)
+    ids = torch.tensor([row], dtype=torch.int32, device=_dev())
+    w = torch.rand(1, 3, device=_dev())
+    bad = (ids < 0) | (ids >= 6)
+    y = torch.ops.mojo_triton.fused_moe(x, ids, w, w13, w2)
+    torch.testing.assert_close(y, _op_ref(x, torch.where(bad, 0, ids), torch.where(bad, 0.0, w), w13, w2),
+                               **TOL[torch.float32])
+    y1 = torch.ops.mojo_triton.fused_moe(x, ids[:, :1].contiguous(), w[:, :1], w13, w2)
+    torch.testing.assert_close(y1, _op_ref(x, torch.where(bad[:, :1], 0, ids[:, :1]), torch.where(bad[:, :1], 0.0, w[:, :1]),
+                                           w13, w2), **TOL[torch.float32])
+
+
 def test_non_contiguous_inputs():
     x, gw, w13, w2 = _layer(7, 64, 32, 4, torch.float16, seed=9)
     xs = x[:, ::2]                                           # column stride 2

@@ -62,11 +62,12 @@ def _cfg(x, q, tiles):
 
 
 def _shapes(scheme):
+    # the last shape has one token: a row block per pair, no align step
     if "fp8" in scheme:
-        return [(5, 64, 128, 4, 2, None), (3, 200, 128, 3, 1, None)]    # H not a multiple of 128
+        return [(5, 64, 128, 4, 2, None), (3, 200, 128, 3, 1, None), (1, 64, 128, 4, 3, None)]  # H % 128 != 0
     if "int4" in scheme:
-        return [(5, 64, 32, 4, 2, 32), (7, 64, 64, 6, 3, 16), (3, 48, 32, 4, 1, 16)]
-    return [(5, 64, 32, 4, 2, None), (7, 48, 40, 6, 3, None), (3, 32, 16, 4, 1, None)]
+        return [(5, 64, 32, 4, 2, 32), (7, 64, 64, 6, 3, 16), (3, 48, 32, 4, 1, 16), (1, 64, 32, 6, 3, 32)]
+    return [(5, 64, 32, 4, 2, None), (7, 48, 40, 6, 3, None), (3, 32, 16, 4, 1, None), (1, 48, 40, 6, 3, None)]
 
 
 @pytest.mark.parametrize("tiles", ["default", "wide"])
@@ -81,14 +82,17 @@ def test_fused_forward_matches_reference(scheme, dtype, tiles):
         torch.testing.assert_close(y, ref, **_tol(scheme, dtype), msg=lambda m: f"{scheme} {T, H, I, E, K}: {m}")
 
 
-@pytest.mark.parametrize("chunk", [None, 32])
-def test_int8_row_quantization_is_the_reference(chunk, monkeypatch):
-    """One chunk per row, and rows of several chunks (chunk maxima first, then the codes per chunk)."""
+@pytest.mark.parametrize("chunk,reread", [(None, True), (32, True), (32, False)])
+def test_int8_row_quantization_is_the_reference(chunk, reread, monkeypatch):
+    """One chunk per row, and rows of several chunks: every chunk's program reading its whole row
+    for the amax (short inputs), or the chunk maxima first, then the codes per chunk."""
     from mojo_opset_triton import quant_act_kernel
     from mojo_opset_triton.quant_act_kernel import deinterleave_rows, quantize_rows_int8
 
     if chunk:
         monkeypatch.setattr(quant_act_kernel, "ROW_CHUNK", chunk)     # 70 columns: 3 chunks, the last partial
+    if not reread:
+        monkeypatch.setattr(quant_act_kernel, "REREAD_ELEMENTS", 0)
     x = torch.randn(9, 70).to(DEV) * torch.rand(9, 1).to(DEV) * 10
     x[3] = 0.0                                               # an all-zero row: tiny scale, zero codes
     x[5, :7] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, 63.5, -127.0])  # ties relative to the scale
@@ -131,6 +135,17 @@ def test_int4_code_paths_are_bit_identical(scheme, dtype, monkeypatch):
             for path in paths:
                 monkeypatch.setattr(qk, "CODES_OVERRIDE", path)
                 assert torch.equal(_run(x, ids, w, q, _cfg(x, q, tiles)), want), (path, tiles, i)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_one_token_with_ids_out_of_range(scheme):
+    T, H, I, E, K, group = _shapes(scheme)[-1]
+    x, ids, w, q = _problem(T, H, I, E, K, scheme, torch.float32, group, seed=4)
+    ids[0, 1] = -1
+    ids[0, 2] = E
+    bad = (ids < 0) | (ids >= E)
+    ref = quant_experts_reference(x, torch.where(bad, 0, ids), torch.where(bad, 0.0, w), q)
+    torch.testing.assert_close(_run(x, ids, w, q), ref, **_tol(scheme, torch.float32))
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
