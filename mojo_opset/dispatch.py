@@ -264,24 +264,30 @@ def _count_traced_call() -> bool:   # guard, failing (recompiling) on every late
 
 
 def _record(op: str, backend: str, served_by: str, reasons: tuple[str, ...]) -> None:
+    _record_all(((op, backend, served_by, reasons),))
+
+
+def _record_all(records) -> None:
+    """Count served calls ``(op, backend, served_by, reasons)`` and keep each op's last, under one lock."""
     if torch.compiler.is_compiling():
         _count_traced_call()
         return
     collected = getattr(_local, "collect", None)
     if collected is not None:
-        collected.append((op, backend, served_by, reasons))
+        collected.extend(records)
         if collected.mute:
             return
-    _last()[op] = (backend, served_by, reasons)
-    key = (op, backend, served_by)
+    last = _last()
     with _stats_lock:
-        _stats.served[key] += 1
-        if served_by == "fallback":
-            for r in reasons:
-                _stats.fallbacks[(op, backend, r)] += 1
-                if (op, backend, r) not in _stats.logged:
-                    _stats.logged.add((op, backend, r))
-                    log.warning("mojo_opset: %s on backend %r falls back to the reference: %s", op, backend, r)
+        for op, backend, served_by, reasons in records:
+            last[op] = (backend, served_by, reasons)
+            _stats.served[(op, backend, served_by)] += 1
+            if served_by == "fallback":
+                for r in reasons:
+                    _stats.fallbacks[(op, backend, r)] += 1
+                    if (op, backend, r) not in _stats.logged:
+                        _stats.logged.add((op, backend, r))
+                        log.warning("mojo_opset: %s on backend %r falls back to the reference: %s", op, backend, r)
 
 
 class _Collected(list):
@@ -305,23 +311,8 @@ def collecting(mute: bool = False) -> Iterator[list]:
 
 
 def record_again(records) -> None:
-    """Count collected calls once more (a graph replay of them serves the same implementations):
-    what :func:`_record` does for each, with one lock for all (no fallback among them)."""
-    if torch.compiler.is_compiling() or any(rec[2] == "fallback" for rec in records):
-        for rec in records:
-            _record(*rec)
-        return
-    collected = getattr(_local, "collect", None)
-    if collected is not None:
-        collected.extend(records)
-        if collected.mute:
-            return
-    last = _last()
-    with _stats_lock:
-        served = _stats.served
-        for op, backend, served_by, reasons in records:
-            last[op] = (backend, served_by, reasons)
-            served[(op, backend, served_by)] += 1
+    """Count collected calls once more (a graph replay of them serves the same implementations)."""
+    _record_all(records)
 
 
 def selection_state() -> tuple:

@@ -149,6 +149,18 @@ def gemm_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return min(worst, nonempty_blocks * block_m)
 
 
+def row_blocks(ids: torch.Tensor, num_experts: int, block_m: int, one_per_pair: bool):
+    """The fused GEMMs' row blocks for int32 ``ids`` ``[T, K]``: ``(rows, row_src, block_expert,
+    tokens_per_expert, group_ends)``.  ``one_per_pair`` (one token: its K experts are distinct): block
+    b holds pair b alone and its expert is ``ids[b]``, with no align launch (the kernels derive the
+    rows, see experts_kernel._row_sources; the counts are then None).  Otherwise the aligned sort."""
+    if one_per_pair:
+        return ids.numel() * block_m, ids, ids.view(-1), None, None
+    rows = gemm_rows(ids.numel(), num_experts, block_m)
+    tpe, ends, row_src, _, block_expert = align_pairs(ids, num_experts, block_m, rows, block_m)
+    return rows, row_src, block_expert, tpe, ends
+
+
 def align_pairs(topk_ids: torch.Tensor, num_experts: int, align: int, rows: int, block_m: int = 0):
     """Sort the pairs of ``topk_ids`` by expert (stable), padding each group to ``align``.
 

@@ -1,13 +1,13 @@
 """moe_forward: the fused MoE forward, align -> up GEMM (gather + SwiGLU) -> down GEMM (router weight)
--> combine, its launcher and OpImpl (one token: no align, a row block per pair).  Training calls go through ``custom_ops.fused_moe_autograd``
-(forward saving the pre-activation, backward in ``training.py``)."""
+-> combine, its launcher and OpImpl (one token: no align, a row block per pair).  Training calls go
+through ``custom_ops.fused_moe_autograd`` (forward saving the pre-activation, backward in ``training.py``)."""
 from __future__ import annotations
 
 import torch
 
 from mojo_opset.contract.names import MOE_FORWARD
 
-from .align_kernel import MAX_EXPERTS, align_pairs, gemm_rows
+from .align_kernel import MAX_EXPERTS, row_blocks
 from .combine_kernel import sum_pairs
 from .configs import deterministic_config, get_config
 from .experts_kernel import down_proj, up_proj
@@ -45,14 +45,9 @@ def fused_moe_forward(x, topk_ids, topk_weights, w13, w2, cfg=None, save_h=False
     upcast, ieee = kernel_flags(x)
     rowdot = deterministic and x.device.type == "cpu"     # the interpreter's tl.dot is not row-invariant
     h = torch.empty(P, 2 * I, dtype=x.dtype, device=x.device) if save_h else None
+    # one token: a row block per pair, no align launch (a tenth of a decode step)
     pair_rows = T == 1 and not (save_h or deterministic)
-    if pair_rows:
-        # one token: its K experts are distinct, so each pair gets a row block of its own and the
-        # blocks' experts are the ids themselves; no align launch (a tenth of a decode step)
-        R, row_src, block_expert = P * bm, ids, ids.view(-1)
-    else:
-        R = gemm_rows(P, E, bm)
-        tpe, ends, row_src, _, block_expert = align_pairs(ids, E, bm, R, bm)
+    R, row_src, block_expert, tpe, ends = row_blocks(ids, E, bm, pair_rows)
     inter = torch.empty(R, I, dtype=x.dtype, device=x.device)
     up_proj(x, w13, inter, row_src, block_expert, K, dict(cfg["up"], BLOCK_M=bm), upcast, ieee,
             h=h, h_shift=compact_shift(tpe, ends, bm) if save_h else None, rowdot=rowdot, pair_rows=pair_rows)

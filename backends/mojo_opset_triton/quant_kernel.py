@@ -340,7 +340,7 @@ def launch(a, sa, w, sw, out, row_src, block_expert, weights_flat, *, up, per_to
     int4) x the experts' quantized ``w``; ``pair_rows``: a row block per pair, ``block_expert`` the
     flat ids (see experts_kernel._row_sources)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    num_m = block_expert.numel() if pair_rows else row_src.shape[0] // bm
+    num_m = block_expert.numel()                  # one expert per row block
     if num_m == 0:
         return
     grid = (num_m * triton.cdiv(N, bn),)

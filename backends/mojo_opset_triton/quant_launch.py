@@ -10,7 +10,7 @@ import torch
 import triton.language as tl
 
 from .platform import device_reason
-from .align_kernel import MAX_EXPERTS, align_pairs, gemm_rows
+from .align_kernel import MAX_EXPERTS, row_blocks
 from .combine_kernel import sum_pairs
 from .forward import kernel_flags
 from .quant_act_kernel import deinterleave_rows, quantize_rows_fp8, quantize_rows_int8
@@ -75,12 +75,8 @@ def quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_s, w2_
     bm = cfg["BLOCK_M"]
     ids = topk_ids.to(torch.int32).contiguous()
     P = T * K
-    pair_rows = T == 1      # a row block per pair, no align launch (see forward.fused_moe_forward)
-    if pair_rows:
-        R, row_src, block_expert = P * bm, ids, ids.view(-1)
-    else:
-        R = gemm_rows(P, E, bm)
-        _, _, row_src, _, block_expert = align_pairs(ids, E, bm, R, bm)
+    pair_rows = T == 1      # a row block per pair, no align launch
+    R, row_src, block_expert, _, _ = row_blocks(ids, E, bm, pair_rows)
     upcast, ieee = kernel_flags(x)
     common = dict(top_k=K, wfmt=wfmt, afmt=afmt, group=group, dot_dt=tl.float32 if upcast else _TL[x.dtype],
                   ieee=ieee, pair_rows=pair_rows)

@@ -39,10 +39,7 @@ _PLAIN = frozenset((int, float, str, bool, type(None)))
 
 
 def _spec(v: Any) -> Any:
-    if isinstance(v, Tensor):
-        return (v.device, v.dtype, v.shape, v.is_contiguous(), v.requires_grad)
-    if v is None or isinstance(v, (int, float, str, bool)):
-        return v
+    """A signature part for a field that is neither a tensor nor a plain value."""
     if hasattr(v, "signature"):          # RoutingOptions, QuantizedExperts
         return v.signature()
     return v
@@ -102,7 +99,7 @@ class _Fields:
         per field: a tensor's dtype, shape, contiguity and ``requires_grad``, or the value's spec.
         Runs on every dispatched call: the tensor spec is inlined."""
         out = [type(self), getattr(self, self.data).device] if self.data else [type(self)]
-        for v in self._getter()(self):
+        for v in self._meta()[1](self):     # every field's value in one call (never traced by torch.compile)
             if type(v) in _PLAIN:
                 out.append(v)
             elif isinstance(v, Tensor):
@@ -110,11 +107,6 @@ class _Fields:
             else:
                 out.append(_spec(v))
         return tuple(out)
-
-    @classmethod
-    def _getter(cls):
-        """Every field's value in one call (the signature is never traced by torch.compile)."""
-        return cls._meta()[1]
 
 
 @dataclass(frozen=True, eq=False)
