@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["getenv", "env_flag", "raw_values"]
+__all__ = ["getenv", "env_flag", "env_int", "raw_values"]
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -51,6 +51,24 @@ def env_flag(var: str, default: bool = False) -> bool:
     spellings is an error, never ignored."""
     value = getenv(var)
     return _parse_flag(var, value) if value else default
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_int(var: str, value: str, minimum: int) -> int:
+    try:
+        n = int(value.strip())
+    except ValueError:
+        n = None
+    if n is None or n < minimum:
+        raise ValueError(f"{var} must be an integer >= {minimum}, got {value!r}")
+    return n
+
+
+def env_int(var: str, default: int, minimum: int = 0) -> int:
+    """An integer environment variable (``default`` when unset or empty); anything else, or a value
+    below ``minimum``, is an error, never ignored."""
+    value = getenv(var)
+    return _parse_int(var, value, minimum) if value else default
 
 
 def raw_values(variables: tuple[str, ...]) -> tuple:

@@ -259,3 +259,42 @@ def test_compiled_inference_traces_one_op(monkeypatch, info):
     with torch.no_grad():
         torch.compile(fwd, fullgraph=True)(x)
     assert not calls
+
+
+def test_the_memory_budget_admits_larger_calls(monkeypatch):
+    from mojo_opset.functional.forward import _token_bytes
+
+    monkeypatch.delenv("MOJO_EAGER_GRAPH_MB", raising=False)
+    assert eager_graphs.budget_bytes() == eager_graphs.BUDGET_MB << 20
+    # Qwen3-30B-A3B's shape (H 2048, I 768, K 8), bf16: 48 KiB per token
+    x = torch.empty(1, 2048, dtype=torch.bfloat16)
+    w13 = torch.empty(1, 2 * 768, 2048, dtype=torch.bfloat16)
+    per_token = _token_bytes(x, w13, 8)
+    assert per_token == (8 * (768 + 2048) + 2048) * 2
+    assert eager_graphs.within_budget(eager_graphs.MAX_TOKENS, 1 << 40)      # decode sizes always
+    assert eager_graphs.within_budget(2048, per_token)                       # ~100 MB of activations
+    assert not eager_graphs.within_budget(8192, per_token)
+    monkeypatch.setenv("MOJO_EAGER_GRAPH_MB", "0")
+    assert not eager_graphs.within_budget(eager_graphs.MAX_TOKENS + 1, 1)
+    assert eager_graphs.within_budget(eager_graphs.MAX_TOKENS, 1 << 40)
+    monkeypatch.setenv("MOJO_EAGER_GRAPH_MB", "lots")
+    with pytest.raises(ValueError, match="MOJO_EAGER_GRAPH_MB"):
+        eager_graphs.budget_bytes()
+    monkeypatch.setenv("MOJO_EAGER_GRAPH_MB", "-1")
+    with pytest.raises(ValueError, match="MOJO_EAGER_GRAPH_MB"):
+        eager_graphs.budget_bytes()
+
+
+@gpu
+def test_a_larger_call_within_the_budget_is_replayed(monkeypatch):
+    monkeypatch.setenv("MOJO_EAGER_GRAPH_MB", "64")
+    x, gw, w13, w2, bias = _layer(1024)
+    outs = [_fwd(x * (i + 1), gw, w13, w2, bias) for i in range(3)]      # eager, capture, replay
+    assert eager_graphs.stats()["replays"] == 1
+    for i, y in enumerate(outs):
+        assert torch.equal(y, _no_graphs(monkeypatch, lambda: _fwd(x * (i + 1), gw, w13, w2, bias)))
+    eager_graphs.clear()
+    monkeypatch.setenv("MOJO_EAGER_GRAPH_MB", "0")
+    for i in range(3):
+        _fwd(x, gw, w13, w2, bias)
+    assert eager_graphs.stats()["replays"] == 0

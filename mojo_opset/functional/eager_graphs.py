@@ -11,7 +11,11 @@ When a call is replayed, and why the replay is exact:
 
 * eager CUDA calls only (not under ``torch.compile`` or inside another graph capture), without
   autograd (no grad mode, or no input requiring grad), without expert parallelism or
-  ``forced_expert_ids``, at most :data:`MAX_TOKENS` tokens;
+  ``forced_expert_ids``, of at most :data:`MAX_TOKENS` tokens, or more when the call's activations
+  (``tokens x token_bytes``, the caller's estimate) fit ``MOJO_EAGER_GRAPH_MB`` (default
+  :data:`BUDGET_MB`): the graphs' memory pool keeps that much for as long as the graph is held, and
+  a forward of a few thousand tokens of a small-expert model (Qwen3-30B-A3B at 2048 tokens: ~0.5 ms
+  of GPU work) is as bound by its launches as a decode step;
 * every op the first (eager) call dispatched was served by an implementation that declares
   ``graph_capturable`` (no host synchronisation, no host value read from tensor data), so the
   graph's work depends on nothing but the input's values and the tensors named in the key;
@@ -34,11 +38,13 @@ import torch
 
 from .. import registry
 from ..dispatch import collecting, implementation, record_again, selection_state
-from ..environ import env_flag
+from ..environ import env_flag, env_int
 
-__all__ = ["MAX_TOKENS", "MAX_GRAPHS", "enabled", "clear", "stats", "cached_forward"]
+__all__ = ["MAX_TOKENS", "BUDGET_MB", "MAX_GRAPHS", "enabled", "budget_bytes", "clear", "stats",
+           "cached_forward"]
 
-MAX_TOKENS = 256
+MAX_TOKENS = 256        # always eligible (decode steps, small batches)
+BUDGET_MB = 128         # larger calls: eligible while their estimated activations fit this
 MAX_GRAPHS = 256
 _UNSEEN, _SEEN, _NEVER = 0, 1, 2
 
@@ -59,6 +65,17 @@ class _Entry:
 def enabled() -> bool:
     """``MOJO_EAGER_GRAPHS`` (default on; 1/0, true/false, yes/no, on/off, anything else an error)."""
     return env_flag("MOJO_EAGER_GRAPHS", True)
+
+
+def budget_bytes() -> int:
+    """``MOJO_EAGER_GRAPH_MB`` (default :data:`BUDGET_MB`; 0: only calls of at most
+    :data:`MAX_TOKENS` tokens) in bytes."""
+    return env_int("MOJO_EAGER_GRAPH_MB", BUDGET_MB) << 20
+
+
+def within_budget(tokens: int, token_bytes: int) -> bool:
+    """Whether a call of ``tokens`` tokens of ``token_bytes`` activation bytes each may be captured."""
+    return tokens <= MAX_TOKENS or tokens * token_bytes <= budget_bytes()
 
 
 def clear() -> None:
@@ -87,14 +104,16 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
 
 
-def _key(x, tensors, scalars):
+def _key(x, tensors, scalars, token_bytes):
     """The cache key of an eligible call, or None when the call is not eligible (see the module
     docstring): x's checks first, then one pass over the other tensors (a non-tensor argument is
     left to the call's validation)."""
     if not x.is_cuda or x.dim() == 0:
         return None
     h = x.shape[-1]
-    if h == 0 or x.numel() > MAX_TOKENS * h or torch.compiler.is_compiling() or _capturing():
+    if h == 0 or torch.compiler.is_compiling() or _capturing():
+        return None
+    if not within_budget(x.numel() // h, token_bytes):
         return None
     grad = torch.is_grad_enabled()
     if grad and x.requires_grad:
@@ -135,11 +154,12 @@ def _clone(out):
     return out
 
 
-def cached_forward(x: torch.Tensor, tensors: tuple, scalars: tuple, run):
+def cached_forward(x: torch.Tensor, tensors: tuple, scalars: tuple, run, token_bytes: int = 1 << 62):
     """``run(x)``, replayed from a CUDA graph when the same call was seen before (see the module
     docstring).  ``tensors``: every tensor argument besides x (None allowed); ``scalars``: every
-    other argument, hashable.  ``run`` must not keep x beyond the call."""
-    key = _key(x, tensors, scalars)
+    other argument, hashable; ``token_bytes``: the call's activation bytes per token (the default
+    admits no call over :data:`MAX_TOKENS` tokens).  ``run`` must not keep x beyond the call."""
+    key = _key(x, tensors, scalars, token_bytes)
     if key is None:
         return run(x)
     try:

@@ -107,7 +107,17 @@ def run_moe(x, gate_weight, top_k, routing_kw, *, experts, quantized, activation
             return inference_op.call(x, tensors, top_k, routing_kw, kind, activation, return_router_info, backend)
         return run(x)
     scalars = (top_k, _routing_scalars(routing_kw), kind, activation, return_router_info, backend)
-    return cached_forward(x, tensors, scalars, run)       # it checks that `tensors` are tensors
+    return cached_forward(x, tensors, scalars, run, _token_bytes(x, weights[0], top_k))   # it checks `tensors`
+
+
+def _token_bytes(x, w13, top_k) -> int:
+    """Activation bytes per token of the fused forward: each pair's intermediate row (I) and output
+    row (H) in x's dtype, plus x itself (an estimate for the eager graphs' memory budget)."""
+    if (not isinstance(x, torch.Tensor) or not isinstance(w13, torch.Tensor) or not isinstance(top_k, int)
+            or x.dim() == 0 or w13.dim() < 2):
+        return 1 << 62              # the validation names the bad argument
+    h, size = x.shape[-1], x.element_size()
+    return (top_k * (w13.shape[-2] // 2 + h) + h) * size
 
 
 _routing_scalars = operator.itemgetter(*ROUTING_SCALARS)

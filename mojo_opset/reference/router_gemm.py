@@ -5,6 +5,10 @@ saves the *original* operands (e.g. bf16) rather than fp32 copies, computes the 
 and returns them in the operands' own dtypes (when nothing needs a gradient, the same products run
 without the autograd function: it costs microseconds of host time per call).  In the deterministic
 mode the token-side products run on fixed-shape row blocks (:mod:`.invariant`).
+
+On CUDA, bf16 or fp16 operands go straight into one GEMM with an fp32 result (``torch.mm``'s
+``out_dtype``): the product of two such values is exact in fp32, so this is the fp32 GEMM of the
+upcast operands (up to the order of the fp32 sums), without the two fp32 copies and on tensor cores.
 """
 from __future__ import annotations
 
@@ -40,8 +44,16 @@ class _Fp32RouterGemm(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+_HALF = (torch.bfloat16, torch.float16)
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()     # torch >= 2.8
+
+
 def _fp32_logits(x, weight, bias, deterministic: bool):
-    logits = _mm(x.float(), weight.float().t(), deterministic)
+    if (_MM_OUT_DTYPE and not deterministic and x.device.type == "cuda" and x.dtype in _HALF
+            and weight.dtype == x.dtype and x.dim() == 2):
+        logits = torch.mm(x, weight.t(), out_dtype=torch.float32)
+    else:
+        logits = _mm(x.float(), weight.float().t(), deterministic)
     if bias is not None:
         logits = logits + bias.float()
     return logits

@@ -37,7 +37,8 @@ def test_align_pairs_matches_a_plain_sort(T, K, E, bm):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,K,E,bm", CASES + [(32, 8, 256, 16), (512, 8, 256, 64), (4096, 2, 8, 128)])
+@pytest.mark.parametrize("T,K,E,bm", CASES + [(32, 8, 256, 16), (512, 8, 256, 64), (4096, 2, 8, 128),
+                                       (8192, 8, 256, 64)])
 def test_gpu_align_pairs_matches_a_plain_sort(T, K, E, bm):
     """The compiled kernels: the one-program path's barrier between the padding rows and the pairs'
     rows, its many-warp tiles, and the three-launch path."""
@@ -57,3 +58,15 @@ def _check(T, K, E, bm, dev):
     want = _naive(ids, E, bm, rows, bm)
     for name, a, b in zip(("tokens_per_expert", "group_ends", "row_src", "pair_row", "block_expert"), got, want):
         assert a.cpu().tolist() == b, name
+
+
+@pytest.mark.parametrize("max_chunks", [1, 3])
+@pytest.mark.parametrize("T,K,E,bm", [(300, 2, 8, 64), (64, 8, 128, 32)])
+def test_chunks_of_several_tiles_match_a_plain_sort(monkeypatch, max_chunks, T, K, E, bm):
+    """Few chunks of several tiles each (what large inputs get): the scatter carries each expert's
+    running count from tile to tile."""
+    from mojo_opset_triton import align_kernel
+
+    monkeypatch.setattr(align_kernel, "MAX_CHUNKS", max_chunks)
+    monkeypatch.setattr(align_kernel, "SMALL_TILE", 0)        # the three-launch path at these sizes
+    _check(T, K, E, bm, "cuda" if torch.cuda.is_available() else "cpu")
