@@ -45,6 +45,7 @@ def test_bench_quick_cpu(tmp_path, capsys, one_thread):
     for r in fwd:
         assert r["ms"] > 0 and r["tflops"] > 0 and r["gbs"] > 0 and 0 < r["roofline_frac"]
         assert r["mode"] == "eager"  # no CUDA graphs on a CPU
+        assert r["replayed"] is False   # nor the library's replay of repeated calls
     # tiny: H128 I64 K2; T=1 touches exactly its 2 experts
     r = next(r for r in fwd if r["model"] == "tiny" and r["T"] == 1 and r["path"] == "loop")
     assert r["gbs"] * 1e9 * r["ms"] * 1e-3 == pytest.approx(2 * 3 * 128 * 64 * 2)
