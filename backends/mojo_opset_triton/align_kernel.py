@@ -20,12 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import chain_start, launch_options
+
 MAX_EXPERTS = 1024
 
 
 @triton.jit
 def _histogram_kernel(ids_ptr, P, SUBS, counts_ptr, row_src_ptr, R, E,
-                      CHUNK: tl.constexpr, BE: tl.constexpr, FILL: tl.constexpr):
+                      CHUNK: tl.constexpr, BE: tl.constexpr, FILL: tl.constexpr, PDL: tl.constexpr):
+    chain_start(PDL)
     pid = tl.program_id(0)
     n_chunks = tl.cdiv(P, CHUNK * SUBS)
     if pid < n_chunks:
@@ -43,7 +46,8 @@ def _histogram_kernel(ids_ptr, P, SUBS, counts_ptr, row_src_ptr, R, E,
 
 @triton.jit
 def _scan_kernel(counts_ptr, n_chunks, E, align, tpe_ptr, ends_ptr, base_ptr, block_expert_ptr, n_blocks,
-                 BLOCK_M: tl.constexpr, BE: tl.constexpr, CH: tl.constexpr, BB: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BE: tl.constexpr, CH: tl.constexpr, BB: tl.constexpr, PDL: tl.constexpr):
+    chain_start(PDL)
     ex = tl.arange(0, BE)
     emask = ex < E
     cr = tl.arange(0, CH)
@@ -77,7 +81,8 @@ def _scan_kernel(counts_ptr, n_chunks, E, align, tpe_ptr, ends_ptr, base_ptr, bl
 
 @triton.jit
 def _scatter_kernel(ids_ptr, P, SUBS, E, base_ptr, row_src_ptr, pair_row_ptr, CHUNK: tl.constexpr,
-                    BE: tl.constexpr):
+                    BE: tl.constexpr, PDL: tl.constexpr):
+    chain_start(PDL)
     pid = tl.program_id(0)
     r = tl.arange(0, CHUNK)
     ex = tl.arange(0, BE)
@@ -99,8 +104,9 @@ def _scatter_kernel(ids_ptr, P, SUBS, E, base_ptr, row_src_ptr, pair_row_ptr, CH
 @triton.jit
 def _align_small_kernel(ids_ptr, P, E, align, tpe_ptr, ends_ptr, row_src_ptr, R, pair_row_ptr,
                         block_expert_ptr, n_blocks, BLOCK_M: tl.constexpr, BP: tl.constexpr, BE: tl.constexpr,
-                        BR: tl.constexpr, FILL: tl.constexpr):
+                        BR: tl.constexpr, FILL: tl.constexpr, PDL: tl.constexpr):
     """All three steps in one program when every pair fits one tile (decode sizes: one launch)."""
+    chain_start(PDL)
     r = tl.arange(0, BP)
     inb = r < P
     e = tl.load(ids_ptr + r, mask=inb, other=-1)
@@ -158,19 +164,21 @@ def gemm_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return min(worst, nonempty_blocks * block_m)
 
 
-def row_blocks(ids: torch.Tensor, num_experts: int, block_m: int, one_per_pair: bool):
+def row_blocks(ids: torch.Tensor, num_experts: int, block_m: int, one_per_pair: bool, pdl: bool = False):
     """The fused GEMMs' row blocks for int32 ``ids`` ``[T, K]``: ``(rows, row_src, block_expert,
     tokens_per_expert, group_ends)``.  ``one_per_pair`` (one token: its K experts are distinct): block
     b holds pair b alone and its expert is ``ids[b]``, with no align launch (the kernels derive the
-    rows, see experts_kernel._row_sources; the counts are then None).  Otherwise the aligned sort."""
+    rows, see experts_kernel._row_sources; the counts are then None).  Otherwise the aligned sort.
+    ``pdl``: chained launches (pdl.py)."""
     if one_per_pair:
         return ids.numel() * block_m, ids, ids.view(-1), None, None
     rows = gemm_rows(ids.numel(), num_experts, block_m)
-    tpe, ends, row_src, _, block_expert = align_pairs(ids, num_experts, block_m, rows, block_m)
+    tpe, ends, row_src, _, block_expert = align_pairs(ids, num_experts, block_m, rows, block_m, pdl)
     return rows, row_src, block_expert, tpe, ends
 
 
-def align_pairs(topk_ids: torch.Tensor, num_experts: int, align: int, rows: int, block_m: int = 0):
+def align_pairs(topk_ids: torch.Tensor, num_experts: int, align: int, rows: int, block_m: int = 0,
+                pdl: bool = False):
     """Sort the pairs of ``topk_ids`` by expert (stable), padding each group to ``align``.
 
     Returns (tokens_per_expert int32 [E], group_ends int32 [E], row_src int32 [rows],
@@ -192,7 +200,7 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, align: int, rows: int,
         BR = max(16, min(128, 8192 // BE))
         _align_small_kernel[(1,)](flat, P, E, align, tpe, ends, row_src, rows, pair_row, block_expert, n_blocks,
                                   BLOCK_M=max(block_m, 1), BP=BP, BE=BE, BR=BR, FILL=1024,
-                                  num_warps=_warps(BP * BE))
+                                  num_warps=_warps(BP * BE), **launch_options(pdl))
         return tpe, ends, row_src, pair_row, (block_expert[:n_blocks] if block_m else None)
     CHUNK = _chunk(E)
     # a program takes SUBS tiles of CHUNK pairs, so that the one-program scan walks at most
@@ -204,13 +212,14 @@ def align_pairs(topk_ids: torch.Tensor, num_experts: int, align: int, rows: int,
     FILL = 1024
     grid = max(n_chunks, triton.cdiv(rows, FILL), 1)
     _histogram_kernel[(grid,)](flat, P, subs, counts, row_src, rows, E, CHUNK=CHUNK, BE=BE, FILL=FILL,
-                               num_warps=_warps(CHUNK * BE))
+                               num_warps=_warps(CHUNK * BE), **launch_options(pdl))
     CH = max(1, min(16, 4096 // BE))
     _scan_kernel[(1,)](counts, n_chunks, E, align, tpe, ends, base, block_expert, n_blocks,
-                       BLOCK_M=max(block_m, 1), BE=BE, CH=CH, BB=max(1, min(64, 8192 // BE)), num_warps=4)
+                       BLOCK_M=max(block_m, 1), BE=BE, CH=CH, BB=max(1, min(64, 8192 // BE)), num_warps=4,
+                       **launch_options(pdl))
     if n_chunks:
         _scatter_kernel[(n_chunks,)](flat, P, subs, E, base, row_src, pair_row, CHUNK=CHUNK, BE=BE,
-                                     num_warps=_warps(CHUNK * BE))
+                                     num_warps=_warps(CHUNK * BE), **launch_options(pdl))
     return tpe, ends, row_src, pair_row, (block_expert[:n_blocks] if block_m else None)
 
 

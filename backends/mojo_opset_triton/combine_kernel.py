@@ -5,10 +5,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import chain_start, launch_options
+
 
 @triton.jit
 def _combine_kernel(src_ptr, stride_sr, pair_row_ptr, ids_ptr, w_ptr, out_ptr, H, E,
-                    TOPK: tl.constexpr, BH: tl.constexpr, GATHER: tl.constexpr):
+                    TOPK: tl.constexpr, BH: tl.constexpr, GATHER: tl.constexpr, PDL: tl.constexpr):
+    chain_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BH + tl.arange(0, BH)
     hmask = h < H
@@ -34,21 +37,23 @@ def _combine_kernel(src_ptr, stride_sr, pair_row_ptr, ids_ptr, w_ptr, out_ptr, H
     tl.store(out_ptr + t * H + h, acc.to(out_ptr.dtype.element_ty), mask=hmask)
 
 
-def _launch(src, pair_row, ids, w, out, T, H, E, K, gather):
+def _launch(src, pair_row, ids, w, out, T, H, E, K, gather, pdl=False):
     if T == 0 or H == 0:
         return out
     BH = min(1024, triton.next_power_of_2(H))
     _combine_kernel[(T, triton.cdiv(H, BH))](src, src.stride(0), pair_row, ids, w, out, H, E,
-                                             TOPK=K, BH=BH, GATHER=gather, num_warps=4)
+                                             TOPK=K, BH=BH, GATHER=gather, num_warps=4,
+                                             **launch_options(pdl))
     return out
 
 
-def sum_pairs(y_pairs, topk_ids, num_experts, out_dtype):
-    """out[t] = sum_j y_pairs[t*K + j] over the slots whose expert id is in range."""
+def sum_pairs(y_pairs, topk_ids, num_experts, out_dtype, pdl=False):
+    """out[t] = sum_j y_pairs[t*K + j] over the slots whose expert id is in range; ``pdl``: a chained
+    launch (pdl.py)."""
     T, K = topk_ids.shape
     H = y_pairs.shape[1]
     out = torch.empty(T, H, dtype=out_dtype, device=y_pairs.device)
-    return _launch(y_pairs, topk_ids, topk_ids, y_pairs, out, T, H, num_experts, K, False)
+    return _launch(y_pairs, topk_ids, topk_ids, y_pairs, out, T, H, num_experts, K, False, pdl)
 
 
 def combine(expert_out, pair_row, topk_weights, num_tokens):

@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import chain_start, launch_options
+
 
 @triton.jit
 def _tile_ids(pid, num_m, num_n, GROUP_M: tl.constexpr):
@@ -46,7 +48,8 @@ def _up_kernel(x_ptr, w_ptr, out_ptr, row_src_ptr, block_expert_ptr, num_m, I, H
                stride_xt, stride_xh, stride_we, stride_wn, stride_wk, h_ptr, h_shift_ptr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-               STORE_H: tl.constexpr, ROWDOT: tl.constexpr, PAIR_ROWS: tl.constexpr):
+               STORE_H: tl.constexpr, ROWDOT: tl.constexpr, PAIR_ROWS: tl.constexpr, PDL: tl.constexpr):
+    chain_start(PDL)
     pid = tl.program_id(0)
     pid_m, pid_n = _tile_ids(pid, num_m, tl.cdiv(I, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
@@ -112,7 +115,8 @@ def _down_kernel(a_ptr, w_ptr, y_ptr, row_src_ptr, block_expert_ptr, weight_ptr,
                  stride_we, stride_wn, stride_wk, stride_yr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                 PER_TOKEN: tl.constexpr, ROWDOT: tl.constexpr, PAIR_ROWS: tl.constexpr):
+                 PER_TOKEN: tl.constexpr, ROWDOT: tl.constexpr, PAIR_ROWS: tl.constexpr, PDL: tl.constexpr):
+    chain_start(PDL)
     pid = tl.program_id(0)
     pid_m, pid_n = _tile_ids(pid, num_m, tl.cdiv(H, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m)
@@ -158,10 +162,11 @@ def _down_kernel(a_ptr, w_ptr, y_ptr, row_src_ptr, block_expert_ptr, weight_ptr,
 
 
 def up_proj(x, w13, inter, row_src, block_expert, top_k, cfg, upcast, ieee, h=None, h_shift=None, rowdot=False,
-            pair_rows=False):
+            pair_rows=False, pdl=False):
     """``h``/``h_shift`` (training): also store the pre-activation in compact rows (see _up_kernel);
     ``rowdot``: see the module's docstring; ``pair_rows``: one pair per row block, ``block_expert``
-    is then the flat int32 ids and ``row_src`` is not read (see ``_row_sources``)."""
+    is then the flat int32 ids and ``row_src`` is not read (see ``_row_sources``); ``pdl``: a
+    chained launch (pdl.py)."""
     R = inter.shape[0]
     I = inter.shape[1]
     H = x.shape[1]
@@ -173,11 +178,11 @@ def up_proj(x, w13, inter, row_src, block_expert, top_k, cfg, upcast, ieee, h=No
                      inter if h is None else h, block_expert if h_shift is None else h_shift,
                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=H % bk == 0,
                      UPCAST=upcast, IEEE=ieee, STORE_H=h is not None, ROWDOT=rowdot, PAIR_ROWS=pair_rows,
-                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl))
 
 
 def down_proj(inter, w2, y, row_src, block_expert, weights_flat, top_k, cfg, upcast, ieee, per_token, rowdot=False,
-              pair_rows=False):
+              pair_rows=False, pdl=False):
     R, I = inter.shape
     H = w2.shape[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -187,4 +192,4 @@ def down_proj(inter, w2, y, row_src, block_expert, weights_flat, top_k, cfg, upc
                        w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
                        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=I % bk == 0,
                        UPCAST=upcast, IEEE=ieee, PER_TOKEN=per_token, ROWDOT=rowdot, PAIR_ROWS=pair_rows,
-                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl))

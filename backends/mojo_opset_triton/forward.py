@@ -11,6 +11,7 @@ from .align_kernel import MAX_EXPERTS, row_blocks
 from .combine_kernel import sum_pairs
 from .configs import deterministic_config, get_config
 from .experts_kernel import down_proj, up_proj
+from .pdl import pdl_on
 from .platform import TritonOpImpl, eager
 
 
@@ -47,28 +48,32 @@ def fused_moe_forward(x, topk_ids, topk_weights, w13, w2, cfg=None, save_h=False
     h = torch.empty(P, 2 * I, dtype=x.dtype, device=x.device) if save_h else None
     # one token: a row block per pair, no align launch (a tenth of a decode step)
     pair_rows = T == 1 and not (save_h or deterministic)
-    R, row_src, block_expert, tpe, ends = row_blocks(ids, E, bm, pair_rows)
+    pdl = pdl_on(x)
+    R, row_src, block_expert, tpe, ends = row_blocks(ids, E, bm, pair_rows, pdl)
     inter = torch.empty(R, I, dtype=x.dtype, device=x.device)
     up_proj(x, w13, inter, row_src, block_expert, K, dict(cfg["up"], BLOCK_M=bm), upcast, ieee,
-            h=h, h_shift=compact_shift(tpe, ends, bm) if save_h else None, rowdot=rowdot, pair_rows=pair_rows)
+            h=h, h_shift=compact_shift(tpe, ends, bm) if save_h else None, rowdot=rowdot, pair_rows=pair_rows,
+            pdl=pdl)
     out = _down_and_combine(inter, w2, row_src, block_expert, ids, topk_weights, T, E, cfg, upcast, ieee, rowdot,
-                            pair_rows)
+                            pair_rows, pdl)
     return (out, h) if save_h else out
 
 
 def _down_and_combine(inter, w2, row_src, block_expert, ids, topk_weights, T, E, cfg, upcast, ieee, rowdot=False,
-                      pair_rows=False):
+                      pair_rows=False, pdl=False):
     K, H, dt, dev = ids.shape[1], w2.shape[1], inter.dtype, inter.device
     bm = cfg["BLOCK_M"]
     w_flat = topk_weights.to(torch.float32).contiguous().view(-1)
     down_cfg = dict(cfg["down"], BLOCK_M=bm)
     if K == 1:
         out = torch.zeros(T, H, dtype=dt, device=dev)   # ids out of range leave zeros
-        down_proj(inter, w2, out, row_src, block_expert, w_flat, K, down_cfg, upcast, ieee, True, rowdot, pair_rows)
+        down_proj(inter, w2, out, row_src, block_expert, w_flat, K, down_cfg, upcast, ieee, True, rowdot, pair_rows,
+                  pdl)
         return out
     y_pairs = torch.empty(T * K, H, dtype=dt, device=dev)
-    down_proj(inter, w2, y_pairs, row_src, block_expert, w_flat, K, down_cfg, upcast, ieee, False, rowdot, pair_rows)
-    return sum_pairs(y_pairs, ids, E, dt)
+    down_proj(inter, w2, y_pairs, row_src, block_expert, w_flat, K, down_cfg, upcast, ieee, False, rowdot, pair_rows,
+              pdl)
+    return sum_pairs(y_pairs, ids, E, dt, pdl)
 
 
 def _dtype_name(dt) -> str:

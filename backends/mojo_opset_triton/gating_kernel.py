@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import chain_start, launch_options, pdl_on
+
 MAX_TILE = 4096   # experts per row held in registers (groups x padded group size)
 MAX_TOP_K = 64    # selected experts per row held in registers
 
@@ -28,7 +30,8 @@ _RUNTIME = ["forced", "TOPK", "G", "GS", "L", "SIGMOID", "HAS_BIAS", "GROUPED", 
 def _routing_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, forced_ptr, stride_ft, stride_fk,
                     ids_ptr, w_ptr, scores_ptr, route_scale, forced, TOPK, G, GS, L,
                     SIGMOID, HAS_BIAS, GROUPED, TOP2, NORM,
-                    BK: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr):
+                    BK: tl.constexpr, BG: tl.constexpr, BS: tl.constexpr, PDL: tl.constexpr):
+    chain_start(PDL)
     # ``forced`` is a runtime flag, not a constexpr: replaying the natural routing runs the very same
     # compiled kernel, so the scores and weights are bit-identical (a separately compiled variant
     # may evaluate the softmax with other instructions)
@@ -153,5 +156,5 @@ def route(logits, expert_bias, forced_expert_ids, top_k: int, score_func: str, r
         int(score_func == "sigmoid"), int(expert_bias is not None), int(grouped),
         int(group_score == "top2_sum" and GS > 1), int(bool(route_norm)),
         BK=triton.next_power_of_2(top_k), BG=BG, BS=BS,
-        num_warps=1 if tile <= 256 else (4 if tile <= 2048 else 8))
+        num_warps=1 if tile <= 256 else (4 if tile <= 2048 else 8), **launch_options(pdl_on(logits)))
     return ids, w, scores

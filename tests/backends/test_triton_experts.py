@@ -102,6 +102,18 @@ def test_one_token_takes_a_row_block_per_pair(row):
                                            w13, w2), **TOL[torch.float32])
 
 
+def test_chained_launches_are_off_without_a_hopper_gpu(monkeypatch):
+    from mojo_opset_triton import pdl
+
+    assert pdl.launch_options(False) == {"PDL": False}
+    assert pdl.launch_options(True) == {"PDL": True, "launch_pdl": True}
+    assert not pdl.pdl_on(torch.zeros(1))
+    monkeypatch.setenv("MOJO_PDL", "maybe")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="MOJO_PDL"):
+            pdl.pdl_on(torch.zeros(1, device="cuda"))
+
+
 def test_non_contiguous_inputs():
     x, gw, w13, w2 = _layer(7, 64, 32, 4, torch.float16, seed=9)
     xs = x[:, ::2]                                           # column stride 2

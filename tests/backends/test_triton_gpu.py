@@ -112,6 +112,32 @@ def test_cuda_graph_capture(T):
         assert torch.equal(static_y, ref)   # deterministic: replay equals eager bit for bit
 
 
+@pytest.mark.parametrize("T", [1, 16, 300])
+def test_chained_launches_change_nothing(T, monkeypatch):
+    """Programmatic dependent launch (the default on Hopper) against plain launches (MOJO_PDL=0):
+    the same bits, for the bf16 forward (routing, align, GEMMs, combine) and every quantized scheme."""
+    from mojo_opset_triton.pdl import pdl_on
+
+    H, I, E, K, kw = MODELS["qwen3-30b-a3b"]
+    x, gw, w13, w2 = _layer(H, I, E, T=T, seed=5)
+    q = {s: mo.quantize_experts(w13, w2, s) for s in ("w8a16_int8", "w8a8_int8", "w4a16_int4", "w4a8_int4",
+                                                       "w8a8_fp8_block")}
+
+    def run():
+        with mo.strict():
+            out = [mo.moe_forward(x, gw, w13, w2, K, backend="triton", **kw)]
+            out += [mo.quant_moe_forward(x, gw, qs, K, backend="triton", **kw) for qs in q.values()]
+        torch.cuda.synchronize()
+        return out
+
+    assert pdl_on(x) == (torch.cuda.get_device_capability() >= (9, 0))
+    chained = run()
+    monkeypatch.setenv("MOJO_PDL", "0")
+    assert not pdl_on(x)
+    for a, b in zip(chained, run()):
+        assert torch.equal(a, b)
+
+
 def test_compile_fullgraph():
     H, I, E, K, kw = MODELS["qwen3-30b-a3b"]
     x, gw, w13, w2 = _layer(H, I, E, T=33, seed=4)
