@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from .pdl import pdl_on
 from .platform import device_reason
 from .align_kernel import MAX_EXPERTS, row_blocks
 from .combine_kernel import sum_pairs
@@ -51,14 +50,14 @@ def quant_reasons(x: torch.Tensor, scheme: str, group_size: int | None, num_expe
     return out
 
 
-def _a_operand(a: torch.Tensor, afmt: int, deinterleave: bool, pdl: bool):
+def _a_operand(a: torch.Tensor, afmt: int, deinterleave: bool):
     """The GEMM's A: 8-bit codes and scales, or the float rows; int4 GEMMs read them de-interleaved
     (``deinterleave`` False: the rows already are)."""
     if afmt == A_INT8:
-        return quantize_rows_int8(a, deinterleave, pdl)
+        return quantize_rows_int8(a, deinterleave)
     if afmt == A_FP8:
-        return quantize_rows_fp8(a, pdl)
-    return (deinterleave_rows(a, pdl) if deinterleave else a), None
+        return quantize_rows_fp8(a)
+    return (deinterleave_rows(a) if deinterleave else a), None
 
 
 def quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_s, w2_q, w2_s, group_size, cfg=None):
@@ -77,19 +76,18 @@ def quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_s, w2_
     ids = topk_ids.to(torch.int32).contiguous()
     P = T * K
     pair_rows = T == 1      # a row block per pair, no align launch
-    pdl = pdl_on(x)
-    R, row_src, block_expert, _, _ = row_blocks(ids, E, bm, pair_rows, pdl)
+    R, row_src, block_expert, _, _ = row_blocks(ids, E, bm, pair_rows)
     upcast, ieee = kernel_flags(x)
     common = dict(top_k=K, wfmt=wfmt, afmt=afmt, group=group, dot_dt=tl.float32 if upcast else _TL[x.dtype],
-                  ieee=ieee, pair_rows=pair_rows, pdl=pdl)
+                  ieee=ieee, pair_rows=pair_rows)
     int4 = wfmt == W_INT4
 
-    a, sa = _a_operand(x, afmt, int4, pdl)
+    a, sa = _a_operand(x, afmt, int4)
     inter = torch.empty(R, I, dtype=x.dtype, device=x.device)     # de-interleaved for int4
     launch(a, sa, w13_q, w13_s, inter, row_src, block_expert, row_src, up=True, per_token=False, N=I, K=H,
            cfg=dict(cfg["up"], BLOCK_M=bm), **common)
 
-    a, sa = _a_operand(inter, afmt, False, pdl)
+    a, sa = _a_operand(inter, afmt, False)
     w_flat = topk_weights.to(torch.float32).contiguous().view(-1)
     down = dict(cfg["down"], BLOCK_M=bm)
     if K == 1:
@@ -100,7 +98,7 @@ def quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_s, w2_
     y_pairs = torch.empty(P, H, dtype=x.dtype, device=x.device)
     launch(a, sa, w2_q, w2_s, y_pairs, row_src, block_expert, w_flat, up=False, per_token=False, N=H, K=I,
            cfg=down, **common)
-    return sum_pairs(y_pairs, ids, E, x.dtype, pdl)
+    return sum_pairs(y_pairs, ids, E, x.dtype)
 
 
 def quant_experts_rows(permuted_x, group_ends, scheme, w13_q, w13_s, w2_q, w2_s, group_size):
