@@ -21,7 +21,9 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 # one fixed, small config under the interpreter (no autotuning, quick on CPU)
 INTERPRETER = {"BLOCK_M": 16,
                "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1},
-               "down": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}}
+               "down": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1},
+               "gemv": {"up": {"BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
+                        "down": {"BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}}}
 
 
 def gpu_file_name(device_name: str) -> str:
@@ -115,6 +117,20 @@ def _tiles(T: int, E: int, I: int, K: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_M": bm, "up": up, "down": down}
 
 
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def gemv_heuristic(H: int, I: int, K: int, dtype: torch.dtype) -> dict:
+    """Tiles of the one-token kernels (decode_kernel.py), fitted to the H200 searches: up, 4 weight
+    rows by 512 columns per program; down, 8 warps with about 8 partial sums per thread over all
+    slots (2048 products per program), 256-column steps when the intermediate size allows."""
+    slots = 1 << max(0, K - 1).bit_length()
+    bk = min(256 if I >= 2048 else 128, _pow2_ceil(I))
+    return {"up": {"BLOCK_N": 4, "BLOCK_K": min(512, _pow2_ceil(H)), "num_warps": 4, "num_stages": 1},
+            "down": {"BLOCK_N": max(1, 2048 // (slots * bk)), "BLOCK_K": bk, "num_warps": 8, "num_stages": 1}}
+
+
 def nearest(entries: dict, T: int):
     """The entry whose token count is nearest to T on a log scale (None when empty)."""
     best, best_d = None, None
@@ -128,7 +144,10 @@ def nearest(entries: dict, T: int):
 @functools.lru_cache(maxsize=4096)
 def _lookup(device_name: str, num_sms: int, T: int, E: int, H: int, I: int, K: int, dtype: torch.dtype) -> dict:
     hit = nearest(load_table(CONFIG_DIR, device_name).get(shape_key(dtype, E, H, I, K), {}), T)
-    return hit if hit is not None else heuristic(T, E, H, I, K, dtype, num_sms, _smem(device_name))
+    cfg = hit if hit is not None else heuristic(T, E, H, I, K, dtype, num_sms, _smem(device_name))
+    if T == 1 and "gemv" not in cfg:     # one token: the matrix-vector kernels' tiles
+        cfg = dict(cfg, gemv=gemv_heuristic(H, I, K, dtype))
+    return cfg
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,5 +1,6 @@
 """moe_forward: the fused MoE forward, align -> up GEMM (gather + SwiGLU) -> down GEMM (router weight)
--> combine, its launcher and OpImpl (one token: no align, a row block per pair).  Training calls go
+-> combine, its launcher and OpImpl (one token: matrix-vector kernels, no align, the combine inside
+the down projection, see decode_kernel.py).  Training calls go
 through ``custom_ops.fused_moe_autograd`` (forward saving the pre-activation, backward in ``training.py``)."""
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from mojo_opset.contract.names import MOE_FORWARD
 from .align_kernel import MAX_EXPERTS, row_blocks
 from .combine_kernel import sum_pairs
 from .configs import deterministic_config, get_config
+from .decode_kernel import down_combine_gemv, gemv_ready, up_gemv
 from .experts_kernel import down_proj, up_proj
 from .pdl import pdl_on
 from .platform import TritonOpImpl, eager
@@ -41,14 +43,16 @@ def fused_moe_forward(x, topk_ids, topk_weights, w13, w2, cfg=None, save_h=False
         out = x.new_empty(0, H)
         return (out, x.new_empty(0, 2 * I)) if save_h else out
     cfg = cfg or (deterministic_config(x) if deterministic else get_config(x, T, E, H, I, K))
-    bm = cfg["BLOCK_M"]
     ids = topk_ids.to(torch.int32).contiguous()
+    pdl = pdl_on(x)
+    if T == 1 and cfg.get("gemv") and not (save_h or deterministic) and gemv_ready(x, w13, w2):
+        return _decode_forward(x, ids, topk_weights, w13, w2, cfg["gemv"], pdl)
+    bm = cfg["BLOCK_M"]
     upcast, ieee = kernel_flags(x)
     rowdot = deterministic and x.device.type == "cpu"     # the interpreter's tl.dot is not row-invariant
     h = torch.empty(P, 2 * I, dtype=x.dtype, device=x.device) if save_h else None
     # one token: a row block per pair, no align launch (a tenth of a decode step)
     pair_rows = T == 1 and not (save_h or deterministic)
-    pdl = pdl_on(x)
     R, row_src, block_expert, tpe, ends = row_blocks(ids, E, bm, pair_rows, pdl)
     inter = torch.empty(R, I, dtype=x.dtype, device=x.device)
     up_proj(x, w13, inter, row_src, block_expert, K, dict(cfg["up"], BLOCK_M=bm), upcast, ieee,
@@ -57,6 +61,17 @@ def fused_moe_forward(x, topk_ids, topk_weights, w13, w2, cfg=None, save_h=False
     out = _down_and_combine(inter, w2, row_src, block_expert, ids, topk_weights, T, E, cfg, upcast, ieee, rowdot,
                             pair_rows, pdl)
     return (out, h) if save_h else out
+
+
+def _decode_forward(x, ids, topk_weights, w13, w2, gemv_cfg, pdl):
+    """One token: an intermediate row per pair, then the down projection and the combine in one launch."""
+    K, I = ids.shape[1], w13.shape[1] // 2
+    inter = torch.empty(K, I, dtype=x.dtype, device=x.device)
+    up_gemv(x, w13, inter, ids, K, gemv_cfg["up"], pdl)
+    out = torch.empty(1, x.shape[1], dtype=x.dtype, device=x.device)
+    down_combine_gemv(inter, w2, out, ids, topk_weights.to(torch.float32).contiguous().view(-1), K, gemv_cfg["down"],
+                      pdl)
+    return out
 
 
 def _down_and_combine(inter, w2, row_src, block_expert, ids, topk_weights, T, E, cfg, upcast, ieee, rowdot=False,

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import chain_start, launch_options
+
 INT8_MAX = 127.0
 FP8_MAX = 448.0
 FP8_GROUP = 128
@@ -69,8 +71,10 @@ def _dest_cols(cols, K, DEINTERLEAVE: tl.constexpr):
 
 
 @triton.jit
-def _chunk_amax_kernel(x_ptr, amax_ptr, M, K, C, stride_xm, stride_xk, BM: tl.constexpr, BK: tl.constexpr):
+def _chunk_amax_kernel(x_ptr, amax_ptr, M, K, C, stride_xm, stride_xk, BM: tl.constexpr, BK: tl.constexpr,
+                       PDL: tl.constexpr):
     """``amax[row, c]``: max |x| of each row over column chunk c (NaN counts as inf)."""
+    chain_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     rmask = rows < M
@@ -81,10 +85,12 @@ def _chunk_amax_kernel(x_ptr, amax_ptr, M, K, C, stride_xm, stride_xk, BM: tl.co
 
 @triton.jit
 def _rows_int8_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, M, K, C, stride_xm, stride_xk,
-                      BM: tl.constexpr, BK: tl.constexpr, CP: tl.constexpr, DEINTERLEAVE: tl.constexpr):
+                      BM: tl.constexpr, BK: tl.constexpr, CP: tl.constexpr, DEINTERLEAVE: tl.constexpr,
+                      PDL: tl.constexpr):
     """Codes of one column chunk of BM rows; the row's amax from the chunk maxima (``CP`` > 1), from
     the chunk itself (``CP`` == 1: one chunk per row) or from the whole row read by every chunk's
     program (``CP`` == 0: short inputs, one launch instead of two)."""
+    chain_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     chunk = tl.program_id(1)
     cols = chunk * BK + tl.arange(0, BK)
@@ -113,7 +119,9 @@ def _rows_int8_kernel(x_ptr, q_ptr, s_ptr, amax_ptr, M, K, C, stride_xm, stride_
 
 
 @triton.jit
-def _deinterleave_kernel(x_ptr, y_ptr, M, K, stride_xm, stride_xk, BM: tl.constexpr, BK: tl.constexpr):
+def _deinterleave_kernel(x_ptr, y_ptr, M, K, stride_xm, stride_xk, BM: tl.constexpr, BK: tl.constexpr,
+                         PDL: tl.constexpr):
+    chain_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     m = (rows < M)[:, None] & (cols < K)[None, :]
@@ -122,7 +130,8 @@ def _deinterleave_kernel(x_ptr, y_ptr, M, K, stride_xm, stride_xk, BM: tl.conste
 
 
 @triton.jit
-def _rows_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, KB, stride_xm, stride_xk, BM: tl.constexpr):
+def _rows_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, KB, stride_xm, stride_xk, BM: tl.constexpr, PDL: tl.constexpr):
+    chain_start(PDL)
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
     kb = tl.program_id(1)
     rmask = rows < M
@@ -134,14 +143,15 @@ def _rows_fp8_kernel(x_ptr, q_ptr, s_ptr, M, K, KB, stride_xm, stride_xk, BM: tl
     tl.store(q_ptr + rows[:, None] * (KB * 128) + cols[None, :], quant_fp8(a, s), mask=rmask[:, None])
 
 
-def quantize_rows_int8(x: torch.Tensor, deinterleave: bool = False):
+def quantize_rows_int8(x: torch.Tensor, deinterleave: bool = False, pdl: bool = False):
     """``[M, K]`` float -> (int8 codes ``[M, K]``, fp32 scales ``[M]``), as the reference's
     ``quantize_tokens_int8`` (codes de-interleaved when asked; K even).
 
     Every chunk of a row is its own program: a decode step's few long rows (Mixtral's 14336-column
     intermediate) would otherwise be a few programs walking their rows twice (about 100 us on an H200).
     A chunk's program needs the row's amax: on short inputs it reads the whole row itself (one
-    launch), on longer ones the chunks' maxima come from a first launch."""
+    launch), on longer ones the chunks' maxima come from a first launch.  ``pdl``: chained launches
+    (pdl.py)."""
     M, K = x.shape
     q = torch.empty(M, K, dtype=torch.int8, device=x.device)
     s = torch.empty(M, dtype=torch.float32, device=x.device)
@@ -156,13 +166,14 @@ def quantize_rows_int8(x: torch.Tensor, deinterleave: bool = False):
         cp = 0      # every program reads its whole row for the amax: one launch (decode sizes)
     elif C > 1:
         amax, cp = torch.empty(M, C, dtype=torch.float32, device=x.device), triton.next_power_of_2(C)
-        _chunk_amax_kernel[grid](x, amax, M, K, C, x.stride(0), x.stride(1), BM=BM, BK=BK, num_warps=4)
+        _chunk_amax_kernel[grid](x, amax, M, K, C, x.stride(0), x.stride(1), BM=BM, BK=BK, num_warps=4,
+                                 **launch_options(pdl))
     _rows_int8_kernel[grid](x, q, s, amax, M, K, C, x.stride(0), x.stride(1), BM=BM, BK=BK,
-                            CP=cp, DEINTERLEAVE=deinterleave, num_warps=4)
+                            CP=cp, DEINTERLEAVE=deinterleave, num_warps=4, **launch_options(pdl))
     return q, s
 
 
-def quantize_rows_fp8(x: torch.Tensor):
+def quantize_rows_fp8(x: torch.Tensor, pdl: bool = False):
     """``[M, K]`` float -> (float8_e4m3fn codes ``[M, KB*128]`` zero-padded, fp32 scales ``[M, KB]``),
     KB = ceil(K/128), as the reference's ``quantize_tokens_fp8``."""
     M, K = x.shape
@@ -172,16 +183,17 @@ def quantize_rows_fp8(x: torch.Tensor):
     if M and KB:
         BM = 8
         _rows_fp8_kernel[(triton.cdiv(M, BM), KB)](x, q, s, M, K, KB, x.stride(0), x.stride(1), BM=BM,
-                                                   num_warps=4)
+                                                   num_warps=4, **launch_options(pdl))
     return q, s
 
 
-def deinterleave_rows(x: torch.Tensor) -> torch.Tensor:
+def deinterleave_rows(x: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """``[M, K]`` -> ``[M, K]`` with each row's even columns first, then its odd columns (K even)."""
     M, K = x.shape
     y = torch.empty(M, K, dtype=x.dtype, device=x.device)
     if M and K:
         BM, BK = 4, min(1024, triton.next_power_of_2(K))
         _deinterleave_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BK))](x, y, M, K, x.stride(0), x.stride(1),
-                                                                      BM=BM, BK=BK, num_warps=4)
+                                                                      BM=BM, BK=BK, num_warps=4,
+                                                                      **launch_options(pdl))
     return y

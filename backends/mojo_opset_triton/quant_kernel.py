@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .experts_kernel import _row_sources, _tile_ids
+from .pdl import chain_start, launch_options
 
 W_INT8, W_INT4, W_FP8 = 0, 1, 2
 A_FLOAT, A_INT8, A_FP8 = 0, 1, 2
@@ -228,7 +229,8 @@ def _qgemm_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, row_src_ptr, block_expe
                   UP: tl.constexpr, PER_TOKEN: tl.constexpr, WFMT: tl.constexpr, AFMT: tl.constexpr,
                   G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_DT: tl.constexpr, IEEE: tl.constexpr,
-                  CODES: tl.constexpr, PAIR_ROWS: tl.constexpr):
+                  CODES: tl.constexpr, PAIR_ROWS: tl.constexpr, PDL: tl.constexpr):
+    chain_start(PDL)
     PACK: tl.constexpr = 2 if WFMT == 1 else 1
     pid = tl.program_id(0)
     pid_m, pid_n = _tile_ids(pid, num_m, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -335,10 +337,10 @@ def codes_mode(a, afmt: int, dot_dt) -> int:
 
 
 def launch(a, sa, w, sw, out, row_src, block_expert, weights_flat, *, up, per_token, top_k, N, K,
-           wfmt, afmt, group, cfg, dot_dt, ieee, pair_rows=False):
+           wfmt, afmt, group, cfg, dot_dt, ieee, pair_rows=False, pdl=False):
     """One projection: ``a`` rows (x's dtype, or 8-bit codes with scales ``sa``; de-interleaved for
     int4) x the experts' quantized ``w``; ``pair_rows``: a row block per pair, ``block_expert`` the
-    flat ids (see experts_kernel._row_sources)."""
+    flat ids (see experts_kernel._row_sources); ``pdl``: a chained launch (pdl.py)."""
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     num_m = block_expert.numel()                  # one expert per row block
     if num_m == 0:
@@ -355,4 +357,4 @@ def launch(a, sa, w, sw, out, row_src, block_expert, weights_flat, *, up, per_to
                         UP=up, PER_TOKEN=per_token, WFMT=wfmt, AFMT=afmt, G=group or 128,
                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], EVEN_K=K % bk == 0,
                         DOT_DT=dot_dt, IEEE=ieee, CODES=codes_mode(a, afmt, dot_dt), PAIR_ROWS=pair_rows,
-                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
+from .pdl import pdl_on
 from .platform import device_reason
 from .align_kernel import MAX_EXPERTS, row_blocks
 from .combine_kernel import sum_pairs
@@ -50,14 +51,26 @@ def quant_reasons(x: torch.Tensor, scheme: str, group_size: int | None, num_expe
     return out
 
 
-def _a_operand(a: torch.Tensor, afmt: int, deinterleave: bool):
+def _a_operand(a: torch.Tensor, afmt: int, deinterleave: bool, pdl: bool):
     """The GEMM's A: 8-bit codes and scales, or the float rows; int4 GEMMs read them de-interleaved
     (``deinterleave`` False: the rows already are)."""
     if afmt == A_INT8:
-        return quantize_rows_int8(a, deinterleave)
+        return quantize_rows_int8(a, deinterleave, pdl)
     if afmt == A_FP8:
-        return quantize_rows_fp8(a)
-    return (deinterleave_rows(a) if deinterleave else a), None
+        return quantize_rows_fp8(a, pdl)
+    return (deinterleave_rows(a, pdl) if deinterleave else a), None
+
+
+# Chained launches (pdl.py) only for calls that stream few weight bytes, where the gaps between the
+# launches (align, row quantizations, GEMMs, combine) are a visible part of the call: one H200,
+# Qwen3-30B-A3B T = 1 (38 MB of 8-bit codes) 0.97-1.15x -> 1.05-1.14x of bf16, while chained calls
+# streaming 350 MB ran slower (Mixtral-8x7B T = 1 w4a8_int4 0.133 -> 0.208 ms; cause not found).
+CHAIN_MAX_BYTES = 64 << 20
+
+
+def _streamed_bytes(w13_q, w2_q, active_experts: int) -> int:
+    per_expert = (w13_q[0].numel() * w13_q.element_size() + w2_q[0].numel() * w2_q.element_size())
+    return per_expert * active_experts
 
 
 def quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_s, w2_q, w2_s, group_size, cfg=None):
@@ -76,18 +89,19 @@ def quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_s, w2_
     ids = topk_ids.to(torch.int32).contiguous()
     P = T * K
     pair_rows = T == 1      # a row block per pair, no align launch
-    R, row_src, block_expert, _, _ = row_blocks(ids, E, bm, pair_rows)
+    pdl = pdl_on(x) and _streamed_bytes(w13_q, w2_q, min(E, P)) < CHAIN_MAX_BYTES
+    R, row_src, block_expert, _, _ = row_blocks(ids, E, bm, pair_rows, pdl)
     upcast, ieee = kernel_flags(x)
     common = dict(top_k=K, wfmt=wfmt, afmt=afmt, group=group, dot_dt=tl.float32 if upcast else _TL[x.dtype],
-                  ieee=ieee, pair_rows=pair_rows)
+                  ieee=ieee, pair_rows=pair_rows, pdl=pdl)
     int4 = wfmt == W_INT4
 
-    a, sa = _a_operand(x, afmt, int4)
+    a, sa = _a_operand(x, afmt, int4, pdl)
     inter = torch.empty(R, I, dtype=x.dtype, device=x.device)     # de-interleaved for int4
     launch(a, sa, w13_q, w13_s, inter, row_src, block_expert, row_src, up=True, per_token=False, N=I, K=H,
            cfg=dict(cfg["up"], BLOCK_M=bm), **common)
 
-    a, sa = _a_operand(inter, afmt, False)
+    a, sa = _a_operand(inter, afmt, False, pdl)
     w_flat = topk_weights.to(torch.float32).contiguous().view(-1)
     down = dict(cfg["down"], BLOCK_M=bm)
     if K == 1:
@@ -98,7 +112,7 @@ def quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_s, w2_
     y_pairs = torch.empty(P, H, dtype=x.dtype, device=x.device)
     launch(a, sa, w2_q, w2_s, y_pairs, row_src, block_expert, w_flat, up=False, per_token=False, N=H, K=I,
            cfg=down, **common)
-    return sum_pairs(y_pairs, ids, E, x.dtype)
+    return sum_pairs(y_pairs, ids, E, x.dtype, pdl)
 
 
 def quant_experts_rows(permuted_x, group_ends, scheme, w13_q, w13_s, w2_q, w2_s, group_size):

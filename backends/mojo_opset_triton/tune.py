@@ -24,7 +24,7 @@ import torch
 from mojo_opset.tools.bench_models import DEFAULT_MODELS, ModelShape, resolve
 from mojo_opset.tools.bench_timing import Timer, capture_graph, measure_peaks
 
-from .configs import CONFIG_DIR, gpu_file_name, heuristic, shape_key
+from .configs import CONFIG_DIR, gemv_heuristic, gpu_file_name, heuristic, shape_key
 from .forward import fused_moe_forward
 
 TOKENS = (1, 16, 64, 256, 2048, 8192)
@@ -92,6 +92,52 @@ def _cfg(bm, up, down):
         bn, bk, w, s = t
         return {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8 if bm >= 64 else 1, "num_warps": w, "num_stages": s}
     return {"BLOCK_M": bm, "up": d(up), "down": d(down)}
+
+
+def gemv_candidates(top_k: int):
+    """(BLOCK_N, BLOCK_K, warps) of the one-token kernels, up then down, each with at most 128 fp32
+    partial sums per thread (two accumulators up, one per slot down)."""
+    slots = 1 << max(0, top_k - 1).bit_length()
+    up = [(bn, bk, w) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)
+          if 2 * bn * bk <= 128 * 32 * w]
+    down = [(bn, bk, w) for bn in (1, 2, 4, 8, 16) for bk in (64, 128, 256, 512) for w in (2, 4, 8)
+            if 32 * w <= slots * bn * bk <= 128 * 32 * w]
+    return up, down
+
+
+def _gemv(up, down):
+    d = lambda t: {"BLOCK_N": t[0], "BLOCK_K": t[1], "num_warps": t[2], "num_stages": t[3]}  # noqa: E731
+    return {"up": d(up), "down": d(down)}
+
+
+def tune_gemv(timer, model, tiled, x, ids, w, w13, w2, log=None):
+    """The one-token kernels' tiles (``tiled`` + ``gemv``): up then down, tiles first and pipeline
+    depths last; ``gemv`` None when the tiled row blocks stay faster.  ``log(which, tile, ms)``
+    sees every timing."""
+    base = {k: v for k, v in tiled.items() if k != "gemv"}
+    t_tiled = _try(timer, lambda: fused_moe_forward(x, ids, w, w13, w2, base), 1)
+    if log:
+        log("tiled", None, t_tiled)
+    up_c, down_c = gemv_candidates(model.K)
+    h = gemv_heuristic(model.H, model.I, model.K, torch.bfloat16)
+    best = {k: tuple(h[k][n] for n in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")) for k in ("up", "down")}
+    t_best = float("inf")
+    for which, cands in (("up", up_c), ("down", down_c)):
+        tiles = [c + (1,) for c in cands]
+        for stage_pass in (False, True):
+            if stage_pass:
+                tiles = [best[which][:3] + (s,) for s in (2, 3)]
+            for c in tiles:
+                trial = dict(best, **{which: c})
+                t = _try(timer, lambda: fused_moe_forward(x, ids, w, w13, w2,
+                                                          dict(base, gemv=_gemv(trial["up"], trial["down"]))), 1)
+                if log:
+                    log(which, c, t)
+                if t < t_best:
+                    t_best, best = t, trial
+    if t_best < t_tiled:
+        return dict(base, gemv=_gemv(best["up"], best["down"])), t_best
+    return dict(base, gemv=None), t_tiled
 
 
 def _try(timer, fn, T):
@@ -191,6 +237,8 @@ def main(argv=None):
             else:
                 t0 = time.time()
                 cfg, t_tri = tune_point(timer, model, T, x, ids, w, w13, w2)
+                if T == 1:
+                    cfg, t_tri = tune_gemv(timer, model, cfg, x, ids, w, w13, w2)
                 table["configs"].setdefault(key, {})[str(T)] = cfg
                 print(f"  tuned {name} T={T} in {time.time() - t0:.0f}s: {json.dumps(cfg)}", flush=True)
             y = fused_moe_forward(x, ids, w, w13, w2, cfg)

@@ -86,20 +86,61 @@ def test_out_of_range_ids_contribute_nothing():
     torch.testing.assert_close(y1, ref1, **TOL[torch.float32])
 
 
+def _tiles_only():
+    """The interpreter's config without the one-token (matrix-vector) tiles: T == 1 then takes row blocks."""
+    from mojo_opset_triton.configs import INTERPRETER
+
+    return {k: v for k, v in INTERPRETER.items() if k != "gemv"}
+
+
+@pytest.mark.parametrize("path", ["gemv", "row blocks"])
 @pytest.mark.parametrize("row", [[3, -1, 0], [5, 1, 2], [2, 9, 1]])
-def test_one_token_takes_a_row_block_per_pair(row):
-    """T == 1 skips the align step (each pair its own row block, its id the block's expert): ids
-    out of range still contribute nothing, K == 1 writes the token's row directly."""
+def test_one_token(row, path):
+    """T == 1 skips the align step: matrix-vector kernels with the combine in the down projection
+    (``gemv``), or each pair its own row block (a config without ``gemv`` tiles).  Ids out of range
+    still contribute nothing, K == 1 writes the token's row directly."""
+    from mojo_opset_triton.forward import fused_moe_forward
+
+    cfg = None if path == "gemv" else _tiles_only()
     x, _, w13, w2 = _layer(1, 32, 16, 6, torch.float32, seed=11)
     ids = torch.tensor([row], dtype=torch.int32, device=_dev())
     w = torch.rand(1, 3, device=_dev())
     bad = (ids < 0) | (ids >= 6)
-    y = torch.ops.mojo_triton.fused_moe(x, ids, w, w13, w2)
+    y = fused_moe_forward(x, ids, w, w13, w2, cfg)
     torch.testing.assert_close(y, _op_ref(x, torch.where(bad, 0, ids), torch.where(bad, 0.0, w), w13, w2),
                                **TOL[torch.float32])
-    y1 = torch.ops.mojo_triton.fused_moe(x, ids[:, :1].contiguous(), w[:, :1], w13, w2)
+    y1 = fused_moe_forward(x, ids[:, :1].contiguous(), w[:, :1], w13, w2, cfg)
     torch.testing.assert_close(y1, _op_ref(x, torch.where(bad[:, :1], 0, ids[:, :1]), torch.where(bad[:, :1], 0.0, w[:, :1]),
                                            w13, w2), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("H,I,K", [(48, 40, 3), (64, 32, 8), (40, 72, 5)])
+def test_one_token_matrix_vector_kernels(dtype, H, I, K):
+    """Sizes that are not multiples of the tiles, K not a power of two; the same bits whether the
+    combine runs in the down kernel or after the row-block path, up to the order of the K-sum."""
+    from mojo_opset_triton.forward import fused_moe_forward
+
+    E = 9
+    x, _, w13, w2 = _layer(1, H, I, E, dtype, seed=H + I + K)
+    ids = torch.randperm(E, generator=torch.Generator().manual_seed(K))[:K].view(1, K).to(_dev(), torch.int32)
+    w = torch.rand(1, K, device=_dev())
+    y = fused_moe_forward(x, ids, w, w13, w2)
+    tol = TOL[torch.float32] if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(y, _op_ref(x, ids, w, w13, w2), **tol)
+    torch.testing.assert_close(y, fused_moe_forward(x, ids, w, w13, w2, _tiles_only()), **tol)
+
+
+def test_one_token_with_strided_weights_takes_row_blocks():
+    """The matrix-vector kernels read rows along H; weights strided there take the row-block path."""
+    from mojo_opset_triton.decode_kernel import gemv_ready
+
+    x, gw, w13, w2 = _layer(1, 32, 16, 4, torch.float32, seed=12)
+    w13t = w13.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not gemv_ready(x, w13t, w2) and gemv_ready(x, w13, w2)
+    with mo.strict():
+        y = mo.moe_forward(x, gw, w13t, w2, 2, backend="triton")
+    torch.testing.assert_close(y, mo.moe_forward(x, gw, w13, w2, 2, backend="torch"), **TOL[torch.float32])
 
 
 def test_chained_launches_are_off_without_a_hopper_gpu(monkeypatch):

@@ -115,8 +115,8 @@ def test_cuda_graph_capture(T):
 @pytest.mark.parametrize("T", [1, 16, 300])
 def test_chained_launches_change_nothing(T, monkeypatch):
     """Programmatic dependent launch (the default on Hopper) against plain launches (MOJO_PDL=0):
-    the same bits for the forward (routing, align, GEMMs, combine); the quantized forward, which
-    launches plainly, unchanged."""
+    the same bits for the forward (routing, align or the one-token kernels, GEMMs, combine) and every
+    quantized scheme (chained at T = 1 here: a few MB of weights, see quant_launch.CHAIN_MAX_BYTES)."""
     from mojo_opset_triton.pdl import pdl_on
 
     H, I, E, K, kw = MODELS["qwen3-30b-a3b"]
@@ -168,3 +168,25 @@ def test_offsets_beyond_int32():
     assert _rel(y[tail], ref) < 1e-2
     head = slice(0, 512)
     assert _rel(y[head], routed_experts(x[head], ids[head], w[head], (w13, w2), backend="torch")) < 1e-2
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_one_token_matrix_vector_kernels_at_model_shapes(model):
+    """T == 1 runs the matrix-vector kernels (combine inside the down projection); as close to the
+    grouped_mm path as the row-block kernels are."""
+    from mojo_opset_triton.configs import get_config
+    from mojo_opset_triton.forward import fused_moe_forward
+
+    H, I, E, K, _ = MODELS[model]
+    E = min(E, 4 * K)                     # the kernels read only the chosen experts: fewer keeps memory low
+    x, _, w13, w2 = _layer(H, I, E, T=1, seed=4)
+    ids = torch.randperm(E, device="cuda")[:K].view(1, K).to(torch.int32)
+    w = torch.rand(1, K, device="cuda")
+    cfg = get_config(x, 1, E, H, I, K)
+    assert cfg.get("gemv"), "one token must take the matrix-vector kernels"
+    ref = routed_experts(x, ids, w, (w13, w2), backend="torch")
+    y = fused_moe_forward(x, ids, w, w13, w2)
+    rows = fused_moe_forward(x, ids, w, w13, w2, dict(cfg, gemv=None))
+    assert _rel(y, ref) < 5e-3 and _rel(rows, ref) < 5e-3
+    del w13, w2
+    torch.cuda.empty_cache()
