@@ -15,6 +15,7 @@ import os
 import re
 
 import torch
+import triton
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -117,17 +118,13 @@ def _tiles(T: int, E: int, I: int, K: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_M": bm, "up": up, "down": down}
 
 
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
 def gemv_heuristic(H: int, I: int, K: int, dtype: torch.dtype) -> dict:
     """Tiles of the one-token kernels (decode_kernel.py), fitted to the H200 searches: up, 4 weight
     rows by 512 columns per program; down, 8 warps with about 8 partial sums per thread over all
     slots (2048 products per program), 256-column steps when the intermediate size allows."""
-    slots = 1 << max(0, K - 1).bit_length()
-    bk = min(256 if I >= 2048 else 128, _pow2_ceil(I))
-    return {"up": {"BLOCK_N": 4, "BLOCK_K": min(512, _pow2_ceil(H)), "num_warps": 4, "num_stages": 1},
+    slots = triton.next_power_of_2(K)
+    bk = min(256 if I >= 2048 else 128, triton.next_power_of_2(I))
+    return {"up": {"BLOCK_N": 4, "BLOCK_K": min(512, triton.next_power_of_2(H)), "num_warps": 4, "num_stages": 1},
             "down": {"BLOCK_N": max(1, 2048 // (slots * bk)), "BLOCK_K": bk, "num_warps": 8, "num_stages": 1}}
 
 

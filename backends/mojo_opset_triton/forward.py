@@ -44,9 +44,10 @@ def fused_moe_forward(x, topk_ids, topk_weights, w13, w2, cfg=None, save_h=False
         return (out, x.new_empty(0, 2 * I)) if save_h else out
     cfg = cfg or (deterministic_config(x) if deterministic else get_config(x, T, E, H, I, K))
     ids = topk_ids.to(torch.int32).contiguous()
+    w_flat = topk_weights.to(torch.float32).contiguous().view(-1)
     pdl = pdl_on(x)
     if T == 1 and cfg.get("gemv") and not (save_h or deterministic) and gemv_ready(x, w13, w2):
-        return _decode_forward(x, ids, topk_weights, w13, w2, cfg["gemv"], pdl)
+        return _decode_forward(x, ids, w_flat, w13, w2, cfg["gemv"], pdl)
     bm = cfg["BLOCK_M"]
     upcast, ieee = kernel_flags(x)
     rowdot = deterministic and x.device.type == "cpu"     # the interpreter's tl.dot is not row-invariant
@@ -58,27 +59,26 @@ def fused_moe_forward(x, topk_ids, topk_weights, w13, w2, cfg=None, save_h=False
     up_proj(x, w13, inter, row_src, block_expert, K, dict(cfg["up"], BLOCK_M=bm), upcast, ieee,
             h=h, h_shift=compact_shift(tpe, ends, bm) if save_h else None, rowdot=rowdot, pair_rows=pair_rows,
             pdl=pdl)
-    out = _down_and_combine(inter, w2, row_src, block_expert, ids, topk_weights, T, E, cfg, upcast, ieee, rowdot,
+    out = _down_and_combine(inter, w2, row_src, block_expert, ids, w_flat, T, E, cfg, upcast, ieee, rowdot,
                             pair_rows, pdl)
     return (out, h) if save_h else out
 
 
-def _decode_forward(x, ids, topk_weights, w13, w2, gemv_cfg, pdl):
+def _decode_forward(x, ids, w_flat, w13, w2, gemv_cfg, pdl):
     """One token: an intermediate row per pair, then the down projection and the combine in one launch."""
     K, I = ids.shape[1], w13.shape[1] // 2
     inter = torch.empty(K, I, dtype=x.dtype, device=x.device)
     up_gemv(x, w13, inter, ids, K, gemv_cfg["up"], pdl)
     out = torch.empty(1, x.shape[1], dtype=x.dtype, device=x.device)
-    down_combine_gemv(inter, w2, out, ids, topk_weights.to(torch.float32).contiguous().view(-1), K, gemv_cfg["down"],
-                      pdl)
+    down_combine_gemv(inter, w2, out, ids, w_flat, K, gemv_cfg["down"], pdl)
     return out
 
 
-def _down_and_combine(inter, w2, row_src, block_expert, ids, topk_weights, T, E, cfg, upcast, ieee, rowdot=False,
+def _down_and_combine(inter, w2, row_src, block_expert, ids, w_flat, T, E, cfg, upcast, ieee, rowdot=False,
                       pair_rows=False, pdl=False):
+    """``w_flat``: the router weights as flat fp32 ``[T*K]``."""
     K, H, dt, dev = ids.shape[1], w2.shape[1], inter.dtype, inter.device
     bm = cfg["BLOCK_M"]
-    w_flat = topk_weights.to(torch.float32).contiguous().view(-1)
     down_cfg = dict(cfg["down"], BLOCK_M=bm)
     if K == 1:
         out = torch.zeros(T, H, dtype=dt, device=dev)   # ids out of range leave zeros

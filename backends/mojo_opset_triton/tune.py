@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+import triton
 
 from mojo_opset.tools.bench_models import DEFAULT_MODELS, ModelShape, resolve
 from mojo_opset.tools.bench_timing import Timer, capture_graph, measure_peaks
@@ -97,7 +98,7 @@ def _cfg(bm, up, down):
 def gemv_candidates(top_k: int):
     """(BLOCK_N, BLOCK_K, warps) of the one-token kernels, up then down, each with at most 128 fp32
     partial sums per thread (two accumulators up, one per slot down)."""
-    slots = 1 << max(0, top_k - 1).bit_length()
+    slots = triton.next_power_of_2(top_k)
     up = [(bn, bk, w) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8)
           if 2 * bn * bk <= 128 * 32 * w]
     down = [(bn, bk, w) for bn in (1, 2, 4, 8, 16) for bk in (64, 128, 256, 512) for w in (2, 4, 8)
@@ -217,7 +218,6 @@ def main(argv=None):
     except (OSError, ValueError):
         table = {}
     table.update({"device": dev_name, "torch": torch.__version__})
-    import triton
     table["triton"] = triton.__version__
     table.setdefault("configs", {})
     rows = []
