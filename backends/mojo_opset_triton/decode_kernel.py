@@ -11,7 +11,9 @@ SwiGLU in the epilogue, one intermediate row per pair.  ``_down_combine_kernel``
 block) every slot's ``w2[e]`` rows times its intermediate row, then the combine in the same program:
 the same roundings as the tiled path (GEMM output rounded to the dtype, times the router weight,
 rounded, summed over the slots in fp32), so no per-pair buffer and no combine launch.
-Slots whose expert id is outside ``[0, E)`` contribute nothing.
+Slots whose expert id is outside ``[0, E)`` contribute nothing.  A tile's optional ``evict``
+(``evict_first`` / ``evict_last``) is the cache eviction hint of that kernel's weight loads, searched
+by the tuner per shape (it moves the one-token forward by a few microseconds either way).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from .pdl import chain_start, launch_options
 @triton.jit
 def _up_gemv_kernel(x_ptr, w_ptr, out_ptr, ids_ptr, I, H, E, stride_xt, stride_we, stride_wn,
                     TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                    PDL: tl.constexpr):
+                    EVICT: tl.constexpr, PDL: tl.constexpr):
     chain_start(PDL)
     p = tl.program_id(0)
     e = tl.load(ids_ptr + p)
@@ -42,13 +44,13 @@ def _up_gemv_kernel(x_ptr, w_ptr, out_ptr, ids_ptr, I, H, E, stride_xt, stride_w
         kk = k0 + offs_k
         if EVEN_K:
             a = tl.load(x_row + kk)
-            g = tl.load(g_rows + kk[None, :], mask=mask_n, other=0.0)
-            u = tl.load(u_rows + kk[None, :], mask=mask_n, other=0.0)
+            g = tl.load(g_rows + kk[None, :], mask=mask_n, other=0.0, eviction_policy=EVICT)
+            u = tl.load(u_rows + kk[None, :], mask=mask_n, other=0.0, eviction_policy=EVICT)
         else:
             kmask = kk < H
             a = tl.load(x_row + kk, mask=kmask, other=0.0)
-            g = tl.load(g_rows + kk[None, :], mask=mask_n & kmask[None, :], other=0.0)
-            u = tl.load(u_rows + kk[None, :], mask=mask_n & kmask[None, :], other=0.0)
+            g = tl.load(g_rows + kk[None, :], mask=mask_n & kmask[None, :], other=0.0, eviction_policy=EVICT)
+            u = tl.load(u_rows + kk[None, :], mask=mask_n & kmask[None, :], other=0.0, eviction_policy=EVICT)
         a = a.to(tl.float32)[None, :]
         acc_g += g.to(tl.float32) * a
         acc_u += u.to(tl.float32) * a
@@ -62,7 +64,7 @@ def _up_gemv_kernel(x_ptr, w_ptr, out_ptr, ids_ptr, I, H, E, stride_xt, stride_w
 @triton.jit
 def _down_combine_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weight_ptr, H, I, E, stride_we, stride_wn,
                          TOPK: tl.constexpr, SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                         EVEN_K: tl.constexpr, EVICT: tl.constexpr, PDL: tl.constexpr):
     chain_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -82,11 +84,12 @@ def _down_combine_kernel(a_ptr, w_ptr, out_ptr, ids_ptr, weight_ptr, H, I, E, st
         kk = k0 + offs_k
         if EVEN_K:
             a = tl.load(a_rows + kk[None, :], mask=a_mask, other=0.0)
-            w = tl.load(w_rows + kk[None, None, :], mask=w_mask, other=0.0)
+            w = tl.load(w_rows + kk[None, None, :], mask=w_mask, other=0.0, eviction_policy=EVICT)
         else:
             kmask = kk < I
             a = tl.load(a_rows + kk[None, :], mask=a_mask & kmask[None, :], other=0.0)
-            w = tl.load(w_rows + kk[None, None, :], mask=w_mask & kmask[None, None, :], other=0.0)
+            w = tl.load(w_rows + kk[None, None, :], mask=w_mask & kmask[None, None, :], other=0.0,
+                        eviction_policy=EVICT)
         acc += w.to(tl.float32) * a.to(tl.float32)[:, None, :]
     dt = a_ptr.dtype.element_ty
     rw = tl.load(weight_ptr + p, mask=ok, other=0.0)
@@ -107,7 +110,7 @@ def up_gemv(x, w13, inter, ids, top_k, cfg, pdl=False):
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
     _up_gemv_kernel[(P, triton.cdiv(I, bn))](
         x, w13, inter, ids, I, H, w13.shape[0], x.stride(0), w13.stride(0), w13.stride(1),
-        TOPK=top_k, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=H % bk == 0,
+        TOPK=top_k, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=H % bk == 0, EVICT=cfg.get("evict", ""),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl))
 
 
@@ -119,4 +122,5 @@ def down_combine_gemv(inter, w2, out, ids, weights_flat, top_k, cfg, pdl=False):
     _down_combine_kernel[(T, triton.cdiv(H, bn))](
         inter, w2, out, ids, weights_flat, H, I, w2.shape[0], w2.stride(0), w2.stride(1),
         TOPK=top_k, SLOTS=triton.next_power_of_2(top_k), BLOCK_N=bn, BLOCK_K=bk, EVEN_K=I % bk == 0,
+        EVICT=cfg.get("evict", ""),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_options(pdl))

@@ -2,10 +2,11 @@
 
 The experts of a row are laid out as a 2-D tile ``[groups, experts per group]`` so group scores are
 row reductions and no size needs to be a power of two.  Selection repeats "max, then the lowest id
-holding it" K times over the eligible lanes: this is exactly the reference's stable descending
-sort (ties to the lower id).  NaN choices rank below every number (-inf included): a NaN lane is
-taken only when no eligible number is left, lowest id first.  Lanes past E are excluded by a mask
-(not a value), so an all-NaN row picks experts 0..K-1 and no id is ever out of range.
+holding it" K times over the eligible lanes, one int64 max per pick (value and id packed): this is
+exactly the reference's stable descending sort (ties to the lower id).  NaN choices rank below every
+number (-inf included): a NaN lane is taken only when no eligible number is left, lowest id first.
+Lanes past E are excluded by a mask (not a value), so an all-NaN row picks experts 0..K-1 and no id
+is ever out of range.
 """
 from __future__ import annotations
 
@@ -49,9 +50,6 @@ def _routing_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, forced_ptr, stri
         m = tl.max(tl.max(xm, axis=1), axis=0)
         ex = tl.where(valid, tl.exp(xm - m), 0.0)
         s = ex / tl.sum(tl.sum(ex, axis=1), axis=0)
-    # padding lanes alias real expert ids (g * GS + i with i >= GS): zero them so that gathering a
-    # chosen expert's score by ``lane == idx`` sees only the real lane (sigmoid(0) would add 0.5)
-    s = tl.where(valid, s, 0.0)
     tl.store(scores_ptr + t * E + lane, s, mask=valid)
 
     kk = tl.arange(0, BK)
@@ -85,21 +83,21 @@ def _routing_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, forced_ptr, stri
                 keep = keep | (gid == pick)
                 gavail = gavail & (gid != pick)
             avail = valid & keep[:, None]
+        # each lane as one int64, ordered as the selection ranks lanes: above, the choice's bits made
+        # order-preserving (-0.0 as +0.0; NaN below -inf); below, the complement of the lane id (ties
+        # to the lower id).  A pick is then a single max, instead of a max, a NaN count and a min.
+        bits = (choice + 0.0).to(tl.int32, bitcast=True)
+        key = tl.where(isnum, tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF), -2147483648)
+        packed = (key.to(tl.int64) << 32) | (4294967295 - lane.to(tl.int64))
         for k in range(TOPK):
-            num_avail = avail & isnum
-            cur = tl.where(num_avail, choice, float("-inf"))
-            best = tl.max(tl.max(cur, axis=1), axis=0)
-            n_num = tl.sum(tl.sum(num_avail.to(tl.int32), axis=1), axis=0)
-            cand = tl.where(n_num > 0, num_avail & (cur == best), avail)
-            idx = tl.min(tl.min(tl.where(cand, lane, E), axis=1), axis=0)
+            best = tl.max(tl.max(tl.where(avail, packed, -9223372036854775808), axis=1), axis=0)
+            idx = (4294967295 - (best & 4294967295)).to(tl.int32)
             avail = avail & (lane != idx)
             ids = tl.where(kk == k, idx, ids)
-    # one gather for both paths: the weights of the chosen (or given) experts from the unbiased scores
-    wv = tl.zeros([BK], dtype=tl.float32)
-    for k in range(TOPK):
-        idx = tl.sum(tl.where(kk == k, ids, 0), axis=0)
-        wk = tl.sum(tl.sum(tl.where(lane == idx, s, 0.0), axis=1), axis=0)
-        wv = tl.where(kk == k, wk, wv)
+    # one gather for both paths: the weights of the chosen (or given) experts, read back from the
+    # unbiased scores stored above (the barrier makes every lane's store visible to the program)
+    tl.debug_barrier()
+    wv = tl.load(scores_ptr + t * E + ids, mask=kk < TOPK, other=0.0)
     if NORM != 0:
         wv = wv / (tl.sum(tl.where(kk < TOPK, wv, 0.0), axis=0) + 1e-20)
     wv = wv * route_scale          # exact when route_scale is 1

@@ -99,13 +99,17 @@ class _Fields:
         per field: a tensor's dtype, shape, contiguity and ``requires_grad``, or the value's spec.
         Runs on every dispatched call: the tensor spec is inlined."""
         out = [type(self), getattr(self, self.data).device] if self.data else [type(self)]
+        append = out.append
         for v in self._meta()[1](self):     # every field's value in one call (never traced by torch.compile)
-            if type(v) in _PLAIN:
-                out.append(v)
-            elif isinstance(v, Tensor):
-                out.append((v.dtype, v.shape, v.is_contiguous(), v.requires_grad))
+            t = type(v)
+            # plain tensors first (most fields, and the cheapest test), then plain values, then
+            # tensor subclasses (nn.Parameter) and nested specs
+            if t is Tensor or (t not in _PLAIN and isinstance(v, Tensor)):
+                append((v.dtype, v.shape, v.is_contiguous(), v.requires_grad))
+            elif t in _PLAIN:
+                append(v)
             else:
-                out.append(_spec(v))
+                append(_spec(v))
         return tuple(out)
 
 

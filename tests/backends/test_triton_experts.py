@@ -131,6 +131,21 @@ def test_one_token_matrix_vector_kernels(dtype, H, I, K):
     torch.testing.assert_close(y, fused_moe_forward(x, ids, w, w13, w2, _tiles_only()), **tol)
 
 
+@pytest.mark.parametrize("evict", ["evict_first", "evict_last"])
+def test_one_token_eviction_policy_changes_no_bit(evict):
+    """The tuned ``evict`` of the matrix-vector kernels is a cache hint on the weight loads only."""
+    from mojo_opset_triton.configs import get_config
+    from mojo_opset_triton.forward import fused_moe_forward
+
+    H, I, E, K = 64, 48, 6, 3
+    x, _, w13, w2 = _layer(1, H, I, E, torch.bfloat16, seed=21)
+    ids = torch.tensor([[4, 0, 2]], dtype=torch.int32, device=_dev())
+    w = torch.rand(1, K, device=_dev())
+    cfg = get_config(x, 1, E, H, I, K)
+    hinted = dict(cfg, gemv={k: dict(v, evict=evict) for k, v in cfg["gemv"].items()})
+    assert torch.equal(fused_moe_forward(x, ids, w, w13, w2, hinted), fused_moe_forward(x, ids, w, w13, w2, cfg))
+
+
 def test_one_token_with_strided_weights_takes_row_blocks():
     """The matrix-vector kernels read rows along H; weights strided there take the row-block path."""
     from mojo_opset_triton.decode_kernel import gemv_ready
@@ -265,3 +280,36 @@ def test_declines_with_reasons():
         mo.moe_forward(x, gw, w13.half(), w2.half(), 2, backend="triton")
     y = mo.moe_forward(x, gw, w13.half(), w2.half(), 2, backend="triton")
     assert _served() == "fallback" and y.shape == x.shape
+
+
+def test_one_token_tile_search_keeps_the_fastest_trial(monkeypatch):
+    """``tune.tune_gemv`` with made-up times (no kernel runs): tiles, then pipeline depths, then the
+    eviction policy; the config it returns is the fastest trial, ``evict`` recorded only when set,
+    and no ``gemv`` when the row blocks stay faster."""
+    from mojo_opset.tools.bench_models import resolve
+    from mojo_opset_triton import tune
+
+    model = resolve(["qwen3"])[0]
+
+    def fake_time(x, ids, w, w13, w2, cfg):
+        g = cfg.get("gemv")
+        if g is None:
+            return tiled_ms[0]
+        up, down = g["up"], g["down"]
+        return (10.0 - (up["BLOCK_N"] == 8) - 0.5 * (up.get("evict") == "evict_first")
+                - 0.25 * (up["num_stages"] == 2) - 0.1 * (down["BLOCK_K"] == 256) + 0.3 * ("evict" in down))
+
+    seen = []
+    monkeypatch.setattr(tune, "fused_moe_forward", fake_time)
+    monkeypatch.setattr(tune, "_try", lambda timer, fn, T: fn())
+    tiled_ms = [100.0]
+    cfg, t = tune.tune_gemv(None, model, {"BLOCK_M": 16}, None, None, None, None, None,
+                            log=lambda which, tile, ms: seen.append(which))
+    up, down = cfg["gemv"]["up"], cfg["gemv"]["down"]
+    assert (up["BLOCK_N"], up["num_stages"], up["evict"]) == (8, 2, "evict_first")
+    assert down["BLOCK_K"] == 256 and "evict" not in down
+    assert t == pytest.approx(10.0 - 1 - 0.5 - 0.25 - 0.1)
+    assert seen[0] == "tiled" and {"up", "down"} <= set(seen)
+    tiled_ms[0] = 1.0
+    cfg, t = tune.tune_gemv(None, model, {"BLOCK_M": 16}, None, None, None, None, None)
+    assert cfg["gemv"] is None and t == 1.0
