@@ -106,14 +106,6 @@ def gemv_candidates(top_k: int):
     return up, down
 
 
-def _gemv(up, down):
-    """(BLOCK_N, BLOCK_K, warps, stages, eviction policy of the weight loads) per kernel as a config."""
-    def d(t):
-        return dict({"BLOCK_N": t[0], "BLOCK_K": t[1], "num_warps": t[2], "num_stages": t[3]},
-                    **({"evict": t[4]} if t[4] else {}))
-    return {"up": d(up), "down": d(down)}
-
-
 def tune_gemv(timer, model, tiled, x, ids, w, w13, w2, log=None):
     """The one-token kernels' tiles (``tiled`` + ``gemv``): up then down, tiles first, then pipeline
     depths, then the weight loads' eviction policy (on an H200, ``evict_first`` on the gate/up rows
@@ -124,25 +116,22 @@ def tune_gemv(timer, model, tiled, x, ids, w, w13, w2, log=None):
     if log:
         log("tiled", None, t_tiled)
     up_c, down_c = gemv_candidates(model.K)
-    h = gemv_heuristic(model.H, model.I, model.K, torch.bfloat16)
-    best = {k: tuple(h[k][n] for n in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")) + ("",)
-            for k in ("up", "down")}
+    best = gemv_heuristic(model.H, model.I, model.K, torch.bfloat16)
     t_best = float("inf")
     for which, cands in (("up", up_c), ("down", down_c)):
-        passes = (lambda b: [c + (1, "") for c in cands],
-                  lambda b: [b[:3] + (s, "") for s in (2, 3)],
-                  lambda b: [b[:4] + (ev,) for ev in ("evict_first", "evict_last")])
+        passes = (lambda b: [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": nw, "num_stages": 1} for n, k, nw in cands],
+                  lambda b: [dict(b, num_stages=st) for st in (2, 3)],
+                  lambda b: [dict(b, evict=ev) for ev in ("evict_first", "evict_last")])
         for tiles_of in passes:
             for c in tiles_of(best[which]):
                 trial = dict(best, **{which: c})
-                t = _try(timer, lambda: fused_moe_forward(x, ids, w, w13, w2,
-                                                          dict(base, gemv=_gemv(trial["up"], trial["down"]))), 1)
+                t = _try(timer, lambda: fused_moe_forward(x, ids, w, w13, w2, dict(base, gemv=trial)), 1)
                 if log:
                     log(which, c, t)
                 if t < t_best:
                     t_best, best = t, trial
     if t_best < t_tiled:
-        return dict(base, gemv=_gemv(best["up"], best["down"])), t_best
+        return dict(base, gemv=best), t_best
     return dict(base, gemv=None), t_tiled
 
 
