@@ -16,6 +16,15 @@ def _dev():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.fixture(params=["packed max", "max, count, min"])
+def selection(request, monkeypatch):
+    """Both ways the kernel picks an expert (gating_kernel.PACKED_MAX_TILE): same ids, same weights."""
+    from mojo_opset_triton import gating_kernel
+
+    monkeypatch.setattr(gating_kernel, "PACKED_MAX_TILE", 1 << 20 if request.param == "packed max" else 0)
+    return request.param
+
+
 def _kernel(logits, top_k, forced=None, **kw):
     opts = dict(score_func="softmax", route_norm=False, route_scale=1.0, expert_bias=None, num_expert_groups=1,
                 num_limited_groups=None, group_score="top2_sum")
@@ -46,7 +55,7 @@ OPTIONS = [(sf, norm, scale, bias, grp)
 
 
 @pytest.mark.parametrize("score_func,norm,scale,bias,groups", OPTIONS)
-def test_routing_options_match_reference(score_func, norm, scale, bias, groups):
+def test_routing_options_match_reference(score_func, norm, scale, bias, groups, selection):
     g = torch.Generator().manual_seed(hash((score_func, norm, scale, bias, groups)) % 2**31)
     T, E, K = 9, 32, 4
     x = torch.randn(T, 16, generator=g).to(_dev())
@@ -67,7 +76,7 @@ def test_routing_options_match_reference(score_func, norm, scale, bias, groups):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_ties_go_to_lower_id(dtype):
+def test_ties_go_to_lower_id(dtype, selection):
     # few distinct values: many exact ties, in scores, choices and group scores
     g = torch.Generator().manual_seed(1)
     logits = torch.randint(0, 3, (16, 24), generator=g).to(dtype).to(_dev())
@@ -81,7 +90,7 @@ def test_ties_go_to_lower_id(dtype):
 
 
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
-def test_nan_rows_pick_valid_ids(score_func):
+def test_nan_rows_pick_valid_ids(score_func, selection):
     logits = torch.randn(5, 10, device=_dev())
     logits[1] = float("nan")
     logits[3, 2] = float("nan")
@@ -94,7 +103,7 @@ def test_nan_rows_pick_valid_ids(score_func):
     assert out[0][1].tolist() == [0, 1, 2, 3]
 
 
-def test_nan_ranks_below_minus_inf():
+def test_nan_ranks_below_minus_inf(selection):
     # expert bias of -inf: those experts still rank above the NaN ones
     logits = torch.randn(2, 8, device=_dev())
     logits[:, 0] = float("nan")
