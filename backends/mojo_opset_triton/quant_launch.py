@@ -13,6 +13,9 @@ from .pdl import pdl_on
 from .platform import device_reason
 from .align_kernel import MAX_EXPERTS, row_blocks
 from .combine_kernel import sum_pairs
+from .configs import get_config
+from .dequant_kernel import dequantize_experts
+from .experts_kernel import down_proj, up_proj
 from .forward import kernel_flags
 from .quant_act_kernel import deinterleave_rows, quantize_rows_fp8, quantize_rows_int8
 from .quant_configs import FORMATS, get_quant_config
@@ -73,15 +76,34 @@ def _streamed_bytes(w13_q, w2_q, active_experts: int) -> int:
     return per_expert * active_experts
 
 
+# Weight-only schemes from this many rows per expert (T * K / E, by weight format) on run the float
+# kernels on weights dequantized a chunk of experts at a time (dequant_kernel.py): there the GEMMs are
+# compute-bound and converting codes in front of every tensor-core instruction costs more than
+# writing the weights once.  One H200, routed experts: int4 wins from 128 rows (Qwen3-30B-A3B T = 2048
+# 1.29 -> 1.05 ms, T = 8192 3.75 -> 2.01; Mixtral-8x7B T = 8192 25.5 -> 11.9) and loses at 64
+# (Mixtral-8x7B T = 256, DeepSeek-V3 T = 2048); int8 wins at 2048 (Mixtral-8x7B T = 8192 14.4 -> 11.9)
+# and ties or loses at 512 (Qwen3-30B-A3B T = 8192, Mixtral-8x7B T = 2048).
+DEQUANT_MIN_ROWS = {"int8": 2048, "int4": 128}
+DEQUANT_CHUNK_BYTES = 1 << 30       # dequantized weights held at once
+
+
+def dequantize_first(scheme: str, T: int, E: int, K: int) -> bool:
+    wf, af = FORMATS[scheme]
+    return af is None and wf in DEQUANT_MIN_ROWS and T * K >= DEQUANT_MIN_ROWS[wf] * E
+
+
 def quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_s, w2_q, w2_s, group_size, cfg=None):
     """Routed-expert output ``[T, H]`` in x's dtype for quantized experts (codes and scales as held by
-    ``QuantizedExperts``); ids outside ``[0, E)`` contribute nothing."""
+    ``QuantizedExperts``); ids outside ``[0, E)`` contribute nothing.  ``cfg``: the quantized GEMMs'
+    tiles (default: the tuned table; given, the quantized GEMMs serve the call at every size)."""
     T, H = x.shape
     K = topk_ids.shape[1]
     E, I = w13_q.shape[0], w13_q.shape[1] // 2
     if T == 0:
         return x.new_empty(0, H)
     wf, af = FORMATS[scheme]
+    if cfg is None and dequantize_first(scheme, T, E, K):
+        return dequantized_forward(x, topk_ids, topk_weights, wf, w13_q, w13_s, w2_q, w2_s, group_size)
     wfmt, afmt = _W[wf], _A[af]
     group = group_size if wf == "int4" else None
     cfg = cfg or get_quant_config(x, scheme, T, E, H, I, K, group)
@@ -113,6 +135,37 @@ def quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_s, w2_
     launch(a, sa, w2_q, w2_s, y_pairs, row_src, block_expert, w_flat, up=False, per_token=False, N=H, K=I,
            cfg=down, **common)
     return sum_pairs(y_pairs, ids, E, x.dtype, pdl)
+
+
+def dequantized_forward(x, topk_ids, topk_weights, wf, w13_q, w13_s, w2_q, w2_s, group_size):
+    """The weight-only forward at many rows per expert: per chunk of experts, their weights
+    dequantized to x's dtype (the reference's a16 weights bit for bit), then the float GEMMs on the
+    chunk's row blocks (other experts' blocks remapped to -1, which the kernels skip); one combine."""
+    T, H = x.shape
+    K = topk_ids.shape[1]
+    E, I = w13_q.shape[0], w13_q.shape[1] // 2
+    cfg = get_config(x, T, E, H, I, K)
+    bm = cfg["BLOCK_M"]
+    ids = topk_ids.to(torch.int32).contiguous()
+    w_flat = topk_weights.to(torch.float32).contiguous().view(-1)
+    R, row_src, block_expert, _, _ = row_blocks(ids, E, bm, False)
+    upcast, ieee = kernel_flags(x)
+    step = max(1, min(E, DEQUANT_CHUNK_BYTES // (3 * H * I * x.element_size())))
+    w13 = torch.empty(step, 2 * I, H, dtype=x.dtype, device=x.device)
+    w2 = torch.empty(step, H, I, dtype=x.dtype, device=x.device)
+    inter = torch.empty(R, I, dtype=x.dtype, device=x.device)
+    y = torch.zeros(T, H, dtype=x.dtype, device=x.device) if K == 1 else torch.empty(T * K, H, dtype=x.dtype,
+                                                                                    device=x.device)
+    group = group_size if wf == "int4" else None
+    for e0 in range(0, E, step):
+        n = min(E, e0 + step) - e0
+        dequantize_experts(w13_q[e0:e0 + n], w13_s[e0:e0 + n], wf, group, w13[:n])
+        dequantize_experts(w2_q[e0:e0 + n], w2_s[e0:e0 + n], wf, group, w2[:n])
+        be = block_expert if n == E else torch.where((block_expert >= e0) & (block_expert < e0 + n),
+                                                     block_expert - e0, -1)
+        up_proj(x, w13[:n], inter, row_src, be, K, dict(cfg["up"], BLOCK_M=bm), upcast, ieee)
+        down_proj(inter, w2[:n], y, row_src, be, w_flat, K, dict(cfg["down"], BLOCK_M=bm), upcast, ieee, K == 1)
+    return y if K == 1 else sum_pairs(y, ids, E, x.dtype, False)
 
 
 def quant_experts_rows(permuted_x, group_ends, scheme, w13_q, w13_s, w2_q, w2_s, group_size):

@@ -82,17 +82,52 @@ def test_fused_forward_matches_reference(scheme, dtype, tiles):
         torch.testing.assert_close(y, ref, **_tol(scheme, dtype), msg=lambda m: f"{scheme} {T, H, I, E, K}: {m}")
 
 
-@pytest.mark.parametrize("chunk,reread", [(None, True), (32, True), (32, False)])
-def test_int8_row_quantization_is_the_reference(chunk, reread, monkeypatch):
+@pytest.mark.parametrize("chunk_experts", [0, 2])     # every expert at once; chunks of 2 experts, the last of 1
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scheme,group,step", [("w8a16_int8", None, None), ("w4a16_int4", 16, None),
+                                               ("w4a16_int4", 32, 16)])    # 16-column steps: inside a group
+def test_weight_only_dequantized_path(scheme, group, step, dtype, chunk_experts, monkeypatch):
+    """Many rows per expert: the float GEMMs on the weights dequantized as the reference does, chunk by
+    chunk; bit-identical to the float forward on those weights, close to the reference; K = 1 too."""
+    from mojo_opset.quant.weights import dequantize_weight
+    from mojo_opset_triton import dequant_kernel, quant_launch
+    from mojo_opset_triton.forward import fused_moe_forward
+
+    H, I, E = 64, 32, 5
+    monkeypatch.setattr(quant_launch, "DEQUANT_MIN_ROWS", {"int8": 2, "int4": 2})
+    if step:
+        monkeypatch.setattr(dequant_kernel, "BLOCK_K", step)
+    if chunk_experts:
+        monkeypatch.setattr(quant_launch, "DEQUANT_CHUNK_BYTES", chunk_experts * 3 * H * I * torch.tensor([], dtype=dtype).element_size())
+    for T, K in ((6, 2), (11, 1)):
+        x, ids, w, q = _problem(T, H, I, E, K, scheme, dtype, group)
+        assert quant_launch.dequantize_first(scheme, T, E, K)
+        ids[0, 0] = E                                          # an id out of range contributes nothing
+        y = _run(x, ids, w, q)
+        fmt = "int4" if "int4" in scheme else "int8"
+        w13 = dequantize_weight(fmt, q.w13_q, q.w13_scale, group).to(dtype)
+        w2 = dequantize_weight(fmt, q.w2_q, q.w2_scale, group).to(dtype)
+        assert torch.equal(y, fused_moe_forward(x, ids, w, w13, w2))
+        ref = quant_experts_reference(x, ids.clamp(max=E - 1), w * (ids < E), q)
+        torch.testing.assert_close(y, ref, **_tol(scheme, dtype))
+
+
+@pytest.mark.parametrize("chunk,reread,row_block", [(None, True, False), (32, True, False), (32, False, False),
+                                                    (None, True, True), (32, True, True)])
+def test_int8_row_quantization_is_the_reference(chunk, reread, row_block, monkeypatch):
     """One chunk per row, and rows of several chunks: every chunk's program reading its whole row
-    for the amax (short inputs), or the chunk maxima first, then the codes per chunk."""
+    for the amax (short inputs), or the chunk maxima first, then the codes per chunk; and whole rows
+    per program (many rows), in one column step or several."""
     from mojo_opset_triton import quant_act_kernel
     from mojo_opset_triton.quant_act_kernel import deinterleave_rows, quantize_rows_int8
 
     if chunk:
         monkeypatch.setattr(quant_act_kernel, "ROW_CHUNK", chunk)     # 70 columns: 3 chunks, the last partial
+        monkeypatch.setattr(quant_act_kernel, "ROW_STEP", chunk)
     if not reread:
         monkeypatch.setattr(quant_act_kernel, "REREAD_ELEMENTS", 0)
+    monkeypatch.setattr(quant_act_kernel, "ROW_BLOCK_MIN_ROWS", 1 if row_block else 1 << 30)
+    monkeypatch.setattr(quant_act_kernel, "ROW_BLOCK", 4)                # 9 rows: 3 programs, the last partial
     x = torch.randn(9, 70).to(DEV) * torch.rand(9, 1).to(DEV) * 10
     x[3] = 0.0                                               # an all-zero row: tiny scale, zero codes
     x[5, :7] = torch.tensor([0.5, -0.5, 1.5, 2.5, -2.5, 63.5, -127.0])  # ties relative to the scale
@@ -108,10 +143,11 @@ def test_int8_row_quantization_is_the_reference(chunk, reread, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_fp8_row_quantization_is_the_reference():
+@pytest.mark.parametrize("rows", [6, 1100])     # 8-row programs; FP8_ROW_BLOCK rows, the last block partial
+def test_fp8_row_quantization_is_the_reference(rows):
     from mojo_opset_triton.quant_act_kernel import quantize_rows_fp8
 
-    x = torch.randn(6, 300, device="cuda") * 5
+    x = torch.randn(rows, 300, device="cuda") * 5
     x[2, 128:256] = 0.0
     q, s = quantize_rows_fp8(x)
     q_ref, s_ref = quantize_tokens_fp8(x)
