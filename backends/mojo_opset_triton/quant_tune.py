@@ -4,7 +4,7 @@
     python -m mojo_opset_triton.quant_tune --schemes w8a8_int8 --shapes qwen3 --tokens 1 64
 
 For each scheme, model shape and token count it times the quantized routed-expert forward (given
-routed ids) over a two-round local search (tiles, K step, pipeline depth, warps) that starts from the
+routed ids) over a two-round local search (row block, tiles, K step, pipeline depth, warps) that starts from the
 point's tuned config, else from :func:`quant_configs.heuristic` (T <= 256 replayed from a CUDA graph,
 with ``tune.py``'s timer), and writes the fastest to ``configs/quant/<gpu>.json`` (merged with what is
 there).  Weights are quantized a few experts at a time.
@@ -26,8 +26,9 @@ from .tune import DEVICE, TOKENS, make_case, make_timer, time_ms
 
 
 def candidates(base: dict, scheme: str, group, a_bytes: int) -> list[dict]:
-    """The config and its neighbours: column tile, K step, pipeline depth, warps."""
-    out = [base]
+    """The config and its neighbours: row block (both GEMMs), column tile, K step, pipeline depth, warps."""
+    bm = base["BLOCK_M"]
+    out = [base] + [dict(base, BLOCK_M=b) for b in (bm // 2, bm * 2) if 16 <= b <= 128]
     for gemm in ("up", "down"):
         c = base[gemm]
         for change in ({"BLOCK_N": max(16, c["BLOCK_N"] // 2)}, {"BLOCK_N": min(256, c["BLOCK_N"] * 2)},

@@ -311,3 +311,19 @@ def test_gpu_captures_in_a_cuda_graph(scheme):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, y0)
+
+
+def test_quant_tuner_walks_the_row_block():
+    """The tuner's neighbours include half and twice the row block (the tables once kept 16-row blocks
+    where experts get about 16 rows, streaming some experts' weights twice); all legal."""
+    from mojo_opset_triton.quant_configs import heuristic, legalize
+    from mojo_opset_triton.quant_tune import candidates, search
+
+    base = heuristic("w8a8_int8", 64, 8, 256, 512, 2, None, torch.bfloat16)     # 16 rows per expert
+    assert base["BLOCK_M"] == 32
+    cands = candidates(base, "w8a8_int8", None, 2)
+    assert {16, 32, 64} <= {c["BLOCK_M"] for c in cands}
+    assert all(legalize(c, "w8a8_int8", None, 2) == c for c in cands)
+    best = search(lambda c: abs(c["BLOCK_M"] - 128) + c["up"]["num_stages"] * 1e-3, base, "w8a8_int8", None, 2,
+                  rounds=4)                                # a made-up cost: 128-row blocks, shallow pipelines
+    assert best[1]["BLOCK_M"] == 128 and best[0] < 1
