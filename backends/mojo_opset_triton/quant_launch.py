@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
+from mojo_opset.environ import env_int
+
 from .pdl import pdl_on
 from .platform import device_reason
 from .align_kernel import MAX_EXPERTS, row_blocks
@@ -84,12 +86,17 @@ def _streamed_bytes(w13_q, w2_q, active_experts: int) -> int:
 # (Mixtral-8x7B T = 256, DeepSeek-V3 T = 2048); int8 wins at 2048 (Mixtral-8x7B T = 8192 14.4 -> 11.9)
 # and ties or loses at 512 (Qwen3-30B-A3B T = 8192, Mixtral-8x7B T = 2048).
 DEQUANT_MIN_ROWS = {"int8": 2048, "int4": 128}
-DEQUANT_CHUNK_BYTES = 1 << 30       # dequantized weights held at once
+DEQUANT_MB = 1024       # MiB of dequantized weights held at once (MOJO_DEQUANT_MB; 0: never dequantize)
+
+
+def dequant_budget() -> int:
+    """Bytes of dequantized weights a call may hold (``MOJO_DEQUANT_MB``, default :data:`DEQUANT_MB`)."""
+    return env_int("MOJO_DEQUANT_MB", DEQUANT_MB) << 20
 
 
 def dequantize_first(scheme: str, T: int, E: int, K: int) -> bool:
     wf, af = FORMATS[scheme]
-    return af is None and wf in DEQUANT_MIN_ROWS and T * K >= DEQUANT_MIN_ROWS[wf] * E
+    return af is None and wf in DEQUANT_MIN_ROWS and T * K >= DEQUANT_MIN_ROWS[wf] * E and dequant_budget() > 0
 
 
 def quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_s, w2_q, w2_s, group_size, cfg=None):
@@ -150,7 +157,7 @@ def dequantized_forward(x, topk_ids, topk_weights, wf, w13_q, w13_s, w2_q, w2_s,
     w_flat = topk_weights.to(torch.float32).contiguous().view(-1)
     R, row_src, block_expert, _, _ = row_blocks(ids, E, bm, False)
     upcast, ieee = kernel_flags(x)
-    step = max(1, min(E, DEQUANT_CHUNK_BYTES // (3 * H * I * x.element_size())))
+    step = max(1, min(E, dequant_budget() // (3 * H * I * x.element_size())))
     w13 = torch.empty(step, 2 * I, H, dtype=x.dtype, device=x.device)
     w2 = torch.empty(step, H, I, dtype=x.dtype, device=x.device)
     inter = torch.empty(R, I, dtype=x.dtype, device=x.device)

@@ -98,7 +98,8 @@ def test_weight_only_dequantized_path(scheme, group, step, dtype, chunk_experts,
     if step:
         monkeypatch.setattr(dequant_kernel, "BLOCK_K", step)
     if chunk_experts:
-        monkeypatch.setattr(quant_launch, "DEQUANT_CHUNK_BYTES", chunk_experts * 3 * H * I * torch.tensor([], dtype=dtype).element_size())
+        per_expert = 3 * H * I * torch.tensor([], dtype=dtype).element_size()
+        monkeypatch.setattr(quant_launch, "dequant_budget", lambda: chunk_experts * per_expert)
     for T, K in ((6, 2), (11, 1)):
         x, ids, w, q = _problem(T, H, I, E, K, scheme, dtype, group)
         assert quant_launch.dequantize_first(scheme, T, E, K)
@@ -110,6 +111,27 @@ def test_weight_only_dequantized_path(scheme, group, step, dtype, chunk_experts,
         assert torch.equal(y, fused_moe_forward(x, ids, w, w13, w2))
         ref = quant_experts_reference(x, ids.clamp(max=E - 1), w * (ids < E), q)
         torch.testing.assert_close(y, ref, **_tol(scheme, dtype))
+
+
+def test_dequant_budget_from_the_environment(monkeypatch):
+    """MOJO_DEQUANT_MB bounds the dequantized weights a call holds; 0 keeps the quantized tiles at every
+    size; anything but a non-negative integer is an error naming the variable."""
+    from mojo_opset.dispatch import selection_state
+    from mojo_opset_triton import quant_launch
+
+    monkeypatch.delenv("MOJO_DEQUANT_MB", raising=False)
+    assert quant_launch.dequant_budget() == quant_launch.DEQUANT_MB << 20
+    assert quant_launch.dequantize_first("w4a16_int4", 4096, 128, 8)       # 256 rows per expert
+    assert not quant_launch.dequantize_first("w4a8_int4", 4096, 128, 8)    # int8 activations: never
+    state = selection_state()
+    monkeypatch.setenv("MOJO_DEQUANT_MB", "3")
+    assert quant_launch.dequant_budget() == 3 << 20
+    assert selection_state() != state          # cached decisions and replayed graphs follow the variable
+    monkeypatch.setenv("MOJO_DEQUANT_MB", "0")
+    assert not quant_launch.dequantize_first("w4a16_int4", 4096, 128, 8)
+    monkeypatch.setenv("MOJO_DEQUANT_MB", "lots")
+    with pytest.raises(ValueError, match="MOJO_DEQUANT_MB"):
+        quant_launch.dequant_budget()
 
 
 @pytest.mark.parametrize("chunk,reread,row_block", [(None, True, False), (32, True, False), (32, False, False),
