@@ -324,8 +324,7 @@ def selection_state() -> tuple:
             raw_values(_STATE_VARS))
 
 
-# MOJO_DEQUANT_MB chooses a kernel path inside the triton backend: replayed graphs must follow it too
-_STATE_VARS = ("MOJO_BACKEND", "MOJO_STRICT", "MOJO_DETERMINISTIC", "MOJO_DEQUANT_MB", *_ENV_NAMES.values())
+_STATE_VARS = ("MOJO_BACKEND", "MOJO_STRICT", "MOJO_DETERMINISTIC", *_ENV_NAMES.values())
 
 
 def _as_record(rec) -> dict:

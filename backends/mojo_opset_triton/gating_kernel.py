@@ -2,8 +2,9 @@
 
 The experts of a row are laid out as a 2-D tile ``[groups, experts per group]`` so group scores are
 row reductions and no size needs to be a power of two.  Selection repeats "max, then the lowest id
-holding it" K times over the eligible lanes, one int64 max per pick (value and id packed): this is
-exactly the reference's stable descending sort (ties to the lower id).  NaN choices rank below every
+holding it" K times over the eligible lanes (one int64 max per pick, value and id packed, on tiles
+of up to ``PACKED_MAX_TILE`` lanes; a max, a NaN count and a min above): this is exactly the
+reference's stable descending sort (ties to the lower id).  NaN choices rank below every
 number (-inf included): a NaN lane is taken only when no eligible number is left, lowest id first.
 Lanes past E are excluded by a mask (not a value), so an all-NaN row picks experts 0..K-1 and no id
 is ever out of range.

@@ -38,7 +38,7 @@ import torch
 
 from .. import registry
 from ..dispatch import collecting, implementation, record_again, selection_state
-from ..environ import env_flag, env_int
+from ..environ import env_flag, env_int, raw_values
 
 __all__ = ["MAX_TOKENS", "BUDGET_MB", "MAX_GRAPHS", "enabled", "budget_bytes", "clear", "stats",
            "cached_forward"]
@@ -104,6 +104,15 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", torch.cuda.is_current_stream_capturing)
 
 
+# environment variables a backend's kernels read to choose their path (not the backend): a change
+# captures the call again
+KERNEL_VARS = ("MOJO_DEQUANT_MB",)
+
+
+def kernel_state() -> tuple:
+    return raw_values(KERNEL_VARS)
+
+
 def _key(x, tensors, scalars, token_bytes):
     """The cache key of an eligible call, or None when the call is not eligible (see the module
     docstring): x's checks first, then one pass over the other tensors (a non-tensor argument is
@@ -130,7 +139,7 @@ def _key(x, tensors, scalars, token_bytes):
         return None
     dev = x.device.index
     stream = _raw_stream(dev) if _raw_stream is not None else _stream(x.device)
-    return (x.shape, x.stride(), x.dtype, dev, stream, tuple(keys), scalars, selection_state())
+    return (x.shape, x.stride(), x.dtype, dev, stream, tuple(keys), scalars, selection_state(), kernel_state())
 
 
 def _capturable(records) -> bool:

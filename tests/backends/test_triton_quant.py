@@ -116,17 +116,17 @@ def test_weight_only_dequantized_path(scheme, group, step, dtype, chunk_experts,
 def test_dequant_budget_from_the_environment(monkeypatch):
     """MOJO_DEQUANT_MB bounds the dequantized weights a call holds; 0 keeps the quantized tiles at every
     size; anything but a non-negative integer is an error naming the variable."""
-    from mojo_opset.dispatch import selection_state
+    from mojo_opset.functional.eager_graphs import kernel_state
     from mojo_opset_triton import quant_launch
 
     monkeypatch.delenv("MOJO_DEQUANT_MB", raising=False)
     assert quant_launch.dequant_budget() == quant_launch.DEQUANT_MB << 20
     assert quant_launch.dequantize_first("w4a16_int4", 4096, 128, 8)       # 256 rows per expert
     assert not quant_launch.dequantize_first("w4a8_int4", 4096, 128, 8)    # int8 activations: never
-    state = selection_state()
+    state = kernel_state()
     monkeypatch.setenv("MOJO_DEQUANT_MB", "3")
     assert quant_launch.dequant_budget() == 3 << 20
-    assert selection_state() != state          # cached decisions and replayed graphs follow the variable
+    assert kernel_state() != state             # part of the replay key: replayed graphs follow the variable
     monkeypatch.setenv("MOJO_DEQUANT_MB", "0")
     assert not quant_launch.dequantize_first("w4a16_int4", 4096, 128, 8)
     monkeypatch.setenv("MOJO_DEQUANT_MB", "lots")
