@@ -1,7 +1,10 @@
 """Tile configurations of the quantized fused experts, keyed by scheme as well as shape.
 
 A config is ``{"BLOCK_M": m, "up": {...}, "down": {...}}`` (each GEMM's dict: BLOCK_N, BLOCK_K,
-GROUP_M, num_warps, num_stages); BLOCK_M is shared because both GEMMs walk the same rows.  Tuned
+GROUP_M, num_warps, num_stages); BLOCK_M is shared because both GEMMs walk the same rows.  One-token
+configs also carry ``"gemv": {"up": {...}, "down": {...}}`` (BLOCK_N, BLOCK_K, num_warps, num_stages,
+optional evict) for the matrix-vector kernels of quant_decode_kernel.py, or ``"gemv": None`` where the
+tiled kernels stay faster.  Tuned
 tables live in ``configs/quant/<gpu name>.json`` (``python -m mojo_opset_triton.quant_tune``) and map
 ``scheme/dtype/E.._H.._I.._K.._g..`` to configs per token count; a lookup takes the nearest token
 count on a log scale; shapes without an entry use :func:`heuristic`.
@@ -25,6 +28,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs", "quant")
 INTERPRETER = {"BLOCK_M": 16,
                "up": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1},
                "down": {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 1, "num_warps": 4, "num_stages": 1}}
+INTERPRETER_GEMV = {"up": {"BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1},
+                    "down": {"BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}}
 
 # scheme -> (weight format, activation format or None)
 FORMATS = {"w8a8_int8": ("int8", "int8"), "w4a8_int4": ("int4", "int8"), "w8a16_int8": ("int8", None),
@@ -39,10 +44,42 @@ def _pow2_floor(n: int) -> int:
     return 1 << max(0, int(n).bit_length() - 1)
 
 
+def legalize_gemv(gemv: dict, scheme: str, group: int | None) -> dict:
+    """The one-token tiles adjusted to their kernel: int4 steps lie in one group or hold whole groups
+    (whole 32-bit words either way); int8 steps are whole words."""
+    wf, _af = FORMATS[scheme]
+    out = {}
+    for name in ("up", "down"):
+        c = dict(gemv[name])
+        bk, bn = _pow2_floor(c["BLOCK_K"]), _pow2_floor(c["BLOCK_N"])
+        if wf == "int4":        # in one group, or whole groups
+            g = group or 128
+            bk = max(16, min(bk, g)) if bk <= g else bk // g * g
+        else:
+            bk = max(16, bk)
+        c["BLOCK_K"], c["BLOCK_N"] = bk, bn
+        out[name] = c
+    return out
+
+
+def gemv_heuristic(scheme: str, H: int, I: int, K: int) -> dict:
+    """One-token tiles: a few weight rows per program, about 1 KB of codes per row and step up, about
+    4096 products per program and step down over all slots (the H200 searches' picks)."""
+    slots = 1 << max(0, (K - 1).bit_length())
+    down_k = min(512, _pow2_floor(I))
+    return {"up": {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1},
+            "down": {"BLOCK_N": max(1, 4096 // (slots * down_k)), "BLOCK_K": down_k, "num_warps": 8,
+                     "num_stages": 1}}
+
+
 def legalize(cfg: dict, scheme: str, group: int | None, a_bytes: int) -> dict:
     """A copy of ``cfg`` adjusted to the kernels' constraints for ``scheme``."""
     wf, af = FORMATS[scheme]
     out = {"BLOCK_M": cfg["BLOCK_M"]}
+    if cfg.get("gemv"):
+        out["gemv"] = legalize_gemv(cfg["gemv"], scheme, group)
+    elif "gemv" in cfg:
+        out["gemv"] = None
     for name in ("up", "down"):
         c = dict(cfg[name])
         bk, bn = c["BLOCK_K"], c["BLOCK_N"]
@@ -99,14 +136,19 @@ def _lookup(device_name: str, num_sms: int, scheme: str, T: int, E: int, H: int,
             group: int | None, dtype: torch.dtype) -> dict:
     hit = nearest(load_table(CONFIG_DIR, device_name).get(shape_key(scheme, dtype, E, H, I, K, group), {}), T)
     if hit is not None:
-        return legalize(hit, scheme, group, torch.empty((), dtype=dtype).element_size())
-    return heuristic(scheme, T, E, H, I, K, group, dtype, num_sms)
+        cfg = legalize(hit, scheme, group, torch.empty((), dtype=dtype).element_size())
+    else:
+        cfg = heuristic(scheme, T, E, H, I, K, group, dtype, num_sms)
+    if T == 1 and "gemv" not in cfg:     # one token: the matrix-vector kernels' tiles
+        cfg = dict(cfg, gemv=legalize_gemv(gemv_heuristic(scheme, H, I, K), scheme, group))
+    return cfg
 
 
 def get_quant_config(x: torch.Tensor, scheme: str, T: int, E: int, H: int, I: int, K: int,
                      group: int | None) -> dict:
     if x.device.type != "cuda":
-        return legalize(INTERPRETER, scheme, group, x.element_size())
+        gemv = INTERPRETER_GEMV if T == 1 else None
+        return legalize(dict(INTERPRETER, gemv=gemv), scheme, group, x.element_size())
     name, sms = _device_info(x.device.index if x.device.index is not None else torch.cuda.current_device())
     return _lookup(name, sms, scheme, T, E, H, I, K, group, x.dtype)
 

@@ -21,6 +21,7 @@ from .experts_kernel import down_proj, up_proj
 from .forward import kernel_flags
 from .quant_act_kernel import deinterleave_rows, quantize_rows_fp8, quantize_rows_int8
 from .quant_configs import FORMATS, get_quant_config
+from .quant_decode_kernel import gemv_scheme, quant_gemv
 from .quant_kernel import A_FLOAT, A_FP8, A_INT8, W_FP8, W_INT4, W_INT8, launch
 
 _W = {"int8": W_INT8, "int4": W_INT4, "fp8": W_FP8}
@@ -117,6 +118,8 @@ def quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_s, w2_
     bm = cfg["BLOCK_M"]
     ids = topk_ids.to(torch.int32).contiguous()
     P = T * K
+    if T == 1 and cfg.get("gemv") and gemv_ready(x, wfmt, afmt, w13_q, w2_q):
+        return _decode_forward(x, ids, topk_weights, wfmt, afmt, w13_q, w13_s, w2_q, w2_s, group, cfg["gemv"])
     pair_rows = T == 1      # a row block per pair, no align launch
     pdl = pdl_on(x) and _streamed_bytes(w13_q, w2_q, min(E, P)) < CHAIN_MAX_BYTES
     R, row_src, block_expert, _, _ = row_blocks(ids, E, bm, pair_rows, pdl)
@@ -142,6 +145,41 @@ def quant_fused_moe_forward(x, topk_ids, topk_weights, scheme, w13_q, w13_s, w2_
     launch(a, sa, w2_q, w2_s, y_pairs, row_src, block_expert, w_flat, up=False, per_token=False, N=H, K=I,
            cfg=down, **common)
     return sum_pairs(y_pairs, ids, E, x.dtype, pdl)
+
+
+def gemv_served(scheme: str) -> bool:
+    """Whether a one-token call of ``scheme`` may run on the matrix-vector kernels."""
+    wf, af = FORMATS[scheme]
+    return gemv_scheme(_W[wf], _A[af])
+
+
+def gemv_ready(x, wfmt: int, afmt: int, w13_q, w2_q) -> bool:
+    """Whether the one-token kernels (quant_decode_kernel.py) can read this call: a served scheme, rows
+    contiguous along K, and for the 32-bit word loads (8-bit activations, int4 weights) K a multiple
+    of 8 and 16-byte aligned weights."""
+    if not gemv_scheme(wfmt, afmt) or x.stride(1) != 1 or w13_q.stride(2) != 1 or w2_q.stride(2) != 1:
+        return False
+    if afmt == A_INT8 or wfmt == W_INT4:
+        H, I = x.shape[1], w2_q.shape[2] * (2 if wfmt == W_INT4 else 1)
+        return H % 8 == 0 and I % 8 == 0 and w13_q.data_ptr() % 16 == 0 and w2_q.data_ptr() % 16 == 0
+    return True
+
+
+def _decode_forward(x, ids, topk_weights, wfmt, afmt, w13_q, w13_s, w2_q, w2_s, group, gemv_cfg):
+    """One token: an intermediate row per pair (matrix-vector kernels), its row quantization for 8-bit
+    activations, then the down projection and the combine in one launch."""
+    K, H, I = ids.shape[1], x.shape[1], w13_q.shape[1] // 2
+    pdl = pdl_on(x)
+    asm = x.device.type == "cuda" and torch.version.hip is None
+    w_flat = topk_weights.to(torch.float32).contiguous().view(-1)
+    common = dict(top_k=K, wfmt=wfmt, afmt=afmt, group=group, asm=asm, pdl=pdl)
+    a, sa = _a_operand(x, afmt, wfmt == W_INT4, pdl)
+    inter = torch.empty(K, I, dtype=x.dtype, device=x.device)     # de-interleaved for int4
+    quant_gemv(a, sa, w13_q, w13_s, inter, ids, w_flat, up=True, N=I, K=H, cfg=gemv_cfg["up"], **common)
+    a, sa = _a_operand(inter, afmt, False, pdl)
+    out = torch.empty(1, H, dtype=x.dtype, device=x.device)
+    quant_gemv(a, sa, w2_q, w2_s, out, ids, w_flat, up=False, N=H, K=I, cfg=gemv_cfg["down"], **common)
+    return out
 
 
 def dequantized_forward(x, topk_ids, topk_weights, wf, w13_q, w13_s, w2_q, w2_s, group_size):

@@ -7,7 +7,9 @@ For each scheme, model shape and token count it times the quantized routed-exper
 routed ids) over a two-round local search (row block, tiles, K step, pipeline depth, warps) that starts from the
 point's tuned config, else from :func:`quant_configs.heuristic` (T <= 256 replayed from a CUDA graph,
 with ``tune.py``'s timer), and writes the fastest to ``configs/quant/<gpu>.json`` (merged with what is
-there).  Weights are quantized a few experts at a time.
+there).  At T = 1 it then searches the one-token kernels' tiles (up, then down) and keeps them only when
+they beat the tiled row blocks (``--gemv-only``: that search alone, from the table's tiled entry).
+Weights are quantized a few experts at a time.
 """
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ import torch
 from mojo_opset.tools.bench_models import DEFAULT_MODELS, resolve
 
 from .configs import gpu_file_name
-from .quant_configs import CONFIG_DIR, FORMATS, clear_cache, heuristic, legalize, shape_key
-from .quant_launch import quant_fused_moe_forward
+from .quant_configs import (CONFIG_DIR, FORMATS, clear_cache, gemv_heuristic, heuristic, legalize, legalize_gemv,
+                            shape_key)
+from .quant_launch import gemv_served, quant_fused_moe_forward
 from .tune import DEVICE, TOKENS, make_case, make_timer, time_ms
 
 
@@ -62,6 +65,42 @@ def search(time_cfg, base: dict, scheme: str, group, a_bytes: int, rounds: int =
     return best
 
 
+def gemv_candidates(scheme: str, top_k: int) -> tuple[list, list]:
+    """(BLOCK_N, BLOCK_K, warps) of the one-token kernels, up then down: up, 512-2048 codes per row and
+    step over 2-16 rows; down, 2048 or 4096 products per step over all slots."""
+    slots = 1 << max(0, (top_k - 1).bit_length())
+    up = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4), (2, 2048, 4), (4, 2048, 8), (8, 1024, 8),
+          (16, 512, 8)]
+    down = [(bn, bk, w) for bk in (128, 256, 512, 1024) for w in (4, 8) for bn in (1, 2, 4, 8, 16)
+            if slots * bn * bk in (2048, 4096)]
+    return up, down
+
+
+def tune_gemv(time_cfg, tiled: dict, scheme: str, group, top_k: int, H: int, I: int, log=print):
+    """``(ms, config)``: ``tiled`` with the one-token kernels' best tiles (up, then down, then a
+    pipeline depth pass), or with ``gemv`` None when the tiled row blocks stay faster."""
+    base = dict(tiled, gemv=None)
+    t_tiled = time_cfg(base)
+    best = legalize_gemv(gemv_heuristic(scheme, H, I, top_k), scheme, group)
+    t_best = float("inf")
+    up_c, down_c = gemv_candidates(scheme, top_k)
+    for which, cands in (("up", up_c), ("down", down_c)):
+        passes = (lambda b: [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": 1} for n, k, w in cands],
+                  lambda b: [dict(b, num_stages=2)])
+        for tiles_of in passes:
+            for c in tiles_of(best[which]):
+                trial = legalize_gemv(dict(best, **{which: c}), scheme, group)
+                try:
+                    t = time_cfg(dict(tiled, gemv=trial))
+                except Exception as exc:   # resources
+                    log(f"  skip {which} {c}: {type(exc).__name__}")
+                    continue
+                if t < t_best:
+                    t_best, best = t, trial
+    log(f"  one-token kernels {t_best:.4g} ms, tiled {t_tiled:.4g} ms")
+    return (t_best, dict(tiled, gemv=best)) if t_best < t_tiled else (t_tiled, base)
+
+
 def quantize(w13, w2, scheme, chunk=16):
     from mojo_opset.tools.bench_quant import quantize_chunked
 
@@ -74,6 +113,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="+", default=list(DEFAULT_MODELS))
     ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     ap.add_argument("--out", help="output JSON (default: configs/quant/<gpu>.json)")
+    ap.add_argument("--gemv-only", action="store_true",
+                    help="T = 1: only the one-token kernels' search, from the table's tiled entry")
     args = ap.parse_args(argv)
     name = torch.cuda.get_device_name(DEVICE)
     sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
@@ -103,9 +144,17 @@ def main(argv=None) -> int:
                 # from the config already tuned for this point, if any (a re-tune refines it)
                 tuned = table.get(key, {}).get(str(T))
                 start = legalize(tuned, scheme, group, 2) if tuned else base
-                best = search(time_cfg, start, scheme, group, 2)
-                base_ms = time_cfg(base)
-                print(f"{scheme} {model.name} T={T}: heuristic {base_ms:.4g} ms, best {best[0]:.4g} ms", flush=True)
+                one_token = T == 1 and gemv_served(scheme)
+                if args.gemv_only and one_token:
+                    best = (None, dict(start, gemv=None))
+                else:
+                    best = search(time_cfg, dict(start, gemv=None) if one_token else start, scheme, group, 2)
+                    base_ms = time_cfg(dict(base, gemv=None) if one_token else base)
+                    print(f"{scheme} {model.name} T={T}: heuristic {base_ms:.4g} ms, best {best[0]:.4g} ms",
+                          flush=True)
+                if one_token:
+                    best = tune_gemv(time_cfg, best[1], scheme, group, model.K, model.H, model.I)
+                    print(f"{scheme} {model.name} T=1: {best[0]:.4g} ms, gemv {best[1]['gemv']}", flush=True)
                 table.setdefault(key, {})[str(T)] = best[1]
             del q
             _write(path, name, table)      # after each scheme: an interrupted run keeps what it tuned

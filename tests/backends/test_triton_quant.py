@@ -249,6 +249,72 @@ def test_permuted_rows_match_reference(scheme):
     assert not y[n:].any()
 
 
+GEMV_SCHEMES = ("w8a16_int8", "w8a8_int8", "w4a16_int4", "w4a8_int4")
+
+
+def _tiled_and_gemv(x, q, gemv_tiles):
+    """Configs forcing the tiled row blocks and the one-token kernels (with ``gemv_tiles``)."""
+    from mojo_opset_triton.quant_configs import legalize
+
+    group = q.group_size if "int4" in q.scheme else None
+    tiled = legalize(dict(WIDE, gemv=None), q.scheme, group, x.element_size())
+    return tiled, legalize(dict(WIDE, gemv=gemv_tiles), q.scheme, group, x.element_size())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scheme", GEMV_SCHEMES)
+def test_one_token_kernels_match_the_tiled_path(scheme, dtype, monkeypatch):
+    """T = 1 on the matrix-vector kernels (quant_decode_kernel.py): against the reference and the tiled
+    kernels; w8a8_int8's integer sums make it the tiled result bit for bit in fp16/bf16 (fp32: to
+    rounding, the slots are summed in another order).  K tails (H or I not a multiple of the step),
+    steps inside an int4 group and over whole groups, top-k not a power of two, ids out of range."""
+    from mojo_opset_triton import quant_launch
+
+    calls = []
+    real = quant_launch.quant_gemv
+    monkeypatch.setattr(quant_launch, "quant_gemv", lambda *a, **k: calls.append(k["up"]) or real(*a, **k))
+    if "int4" in scheme:
+        shapes = [(64, 32, 6, 3, 16), (128, 64, 5, 2, 32)]
+    else:
+        shapes = [(48, 40, 6, 3, None), (64, 32, 4, 4, None)]
+    for i, (H, I, E, K, group) in enumerate(shapes):
+        x, ids, w, q = _problem(1, H, I, E, K, scheme, dtype, group, seed=20 + i)
+        if i == 1:
+            ids[0, 0] = -1
+            ids[0, K - 1] = E
+        bad = (ids < 0) | (ids >= E)
+        ref = quant_experts_reference(x, torch.where(bad, 0, ids), torch.where(bad, 0.0, w), q)
+        # int4: 32-column steps hold whole groups of 16, lie inside groups of 32; 64-column steps hold two
+        for tiles in ({"BLOCK_N": 4, "BLOCK_K": 32}, {"BLOCK_N": 2, "BLOCK_K": 16}, {"BLOCK_N": 2, "BLOCK_K": 64}):
+            gemv = {n: dict(tiles, num_warps=4, num_stages=1) for n in ("up", "down")}
+            tiled_cfg, gemv_cfg = _tiled_and_gemv(x, q, gemv)
+            calls.clear()
+            y = _run(x, ids, w, q, gemv_cfg)
+            assert calls == [True, False], calls
+            y_tiled = _run(x, ids, w, q, tiled_cfg)
+            torch.testing.assert_close(y, ref, **_tol(scheme, dtype))
+            if scheme == "w8a8_int8" and dtype != torch.float32:
+                assert torch.equal(y, y_tiled)
+            elif scheme == "w8a8_int8":     # fp32: the combine adds the slots in another order
+                torch.testing.assert_close(y, y_tiled, rtol=1e-6, atol=1e-6)
+            else:
+                torch.testing.assert_close(y, y_tiled, **_tol(scheme, dtype))
+
+
+def test_one_token_configs_are_legal():
+    from mojo_opset_triton.quant_configs import gemv_heuristic, legalize_gemv
+
+    for scheme in GEMV_SCHEMES:
+        group = 32 if "int4" in scheme else None
+        for E, H, I, K in ((8, 4096, 14336, 2), (128, 2048, 768, 8), (256, 7168, 2048, 8)):
+            g = legalize_gemv(gemv_heuristic(scheme, H, I, K), scheme, group)
+            for c in g.values():
+                bk, bn = c["BLOCK_K"], c["BLOCK_N"]
+                assert bk & (bk - 1) == 0 and bn & (bn - 1) == 0 and bk >= 16
+                if "int4" in scheme:
+                    assert group % bk == 0 or bk % group == 0
+
+
 def test_reasons():
     qm = _qm()
     x = torch.randn(2, 32, device=DEV)
@@ -349,3 +415,31 @@ def test_quant_tuner_walks_the_row_block():
     best = search(lambda c: abs(c["BLOCK_M"] - 128) + c["up"]["num_stages"] * 1e-3, base, "w8a8_int8", None, 2,
                   rounds=4)                                # a made-up cost: 128-row blocks, shallow pipelines
     assert best[1]["BLOCK_M"] == 128 and best[0] < 1
+
+
+@pytest.mark.parametrize("scheme", ["w8a8_int8", "w4a8_int4"])
+def test_quant_tuner_one_token_search(scheme):
+    """At T = 1 the tuner searches the one-token tiles (legal ones only) and keeps them only when they
+    beat the row blocks (made-up timings)."""
+    from mojo_opset_triton.quant_configs import heuristic, legalize_gemv
+    from mojo_opset_triton.quant_tune import tune_gemv
+
+    group = 128 if "int4" in scheme else None
+    tiled = dict(heuristic(scheme, 1, 8, 4096, 14336, 2, group, torch.bfloat16), gemv=None)
+    seen = []
+
+    def cost(tiled_ms):
+        def time_cfg(cfg):
+            if cfg.get("gemv") is None:
+                return tiled_ms
+            g = cfg["gemv"]
+            seen.append(g)
+            # made up: 8-row up tiles and 1024-column down steps fastest
+            return 0.1 + abs(g["up"]["BLOCK_N"] - 8) * 1e-3 + abs(g["down"]["BLOCK_K"] - 1024) * 1e-6
+        return time_cfg
+
+    ms, cfg = tune_gemv(cost(1.0), tiled, scheme, group, 2, 4096, 14336, log=lambda *_: None)
+    assert cfg["gemv"]["up"]["BLOCK_N"] == 8 and cfg["gemv"]["down"]["BLOCK_K"] == 1024 and ms < 0.11
+    assert all(legalize_gemv(g, scheme, group) == g for g in seen)
+    ms, cfg = tune_gemv(cost(0.05), tiled, scheme, group, 2, 4096, 14336, log=lambda *_: None)
+    assert cfg["gemv"] is None and ms == 0.05
