@@ -301,6 +301,22 @@ def test_one_token_kernels_match_the_tiled_path(scheme, dtype, monkeypatch):
                 torch.testing.assert_close(y, y_tiled, **_tol(scheme, dtype))
 
 
+def test_one_token_kernels_decline_unaligned_words():
+    """Word loads need whole-word row strides: weights whose rows are not (a padded view) keep the row
+    blocks, with the same result."""
+    from mojo_opset_triton import quant_launch
+    from mojo_opset_triton.quant_kernel import A_INT8 as af, W_INT8 as wf
+
+    x, ids, w, q = _problem(1, 64, 32, 4, 2, "w8a8_int8", torch.float32, None, seed=5)
+    wide = torch.zeros(q.w13_q.shape[0], q.w13_q.shape[1], 66, dtype=q.w13_q.dtype, device=DEV)
+    wide[:, :, :64] = q.w13_q
+    w13_view = wide[:, :, :64]                         # row stride 66 bytes: not whole words
+    assert quant_launch.gemv_ready(x, wf, af, q.w13_q, q.w2_q)
+    assert not quant_launch.gemv_ready(x, wf, af, w13_view, q.w2_q)
+    y = quant_launch.quant_fused_moe_forward(x, ids, w, q.scheme, w13_view, q.w13_scale, q.w2_q, q.w2_scale, None)
+    torch.testing.assert_close(y, quant_experts_reference(x, ids, w, q), **_tol(q.scheme, torch.float32))
+
+
 def test_one_token_configs_are_legal():
     from mojo_opset_triton.quant_configs import gemv_heuristic, legalize_gemv
 
