@@ -22,8 +22,7 @@ Per scheme (``WFMT``/``AFMT`` as in quant_kernel.py):
 * w4a8_int4: the packed nibbles moved to the top of their bytes (16x the codes, as int8), one ``dp4a``
   per word for the even and one for the odd columns of the de-interleaved activations; a K step lies
   in one group (its scale / 16 multiplies the step's word sums) or holds whole groups (each group's
-  exact sum times its scale / 16).
-
+  exact sum times its scale / 16);
 * w4a16_int4: the 8 codes of each word made fp32 by byte permutes, times their 4 even and 4 odd
   activations in fp32; groups as w4a8_int4 (without the 16).
 
@@ -44,49 +43,29 @@ from .quant_kernel import A_FLOAT, A_INT8, W_INT4, W_INT8
 
 # the high nibble of each byte of a word (0xF0F0F0F0 as int32)
 _HIGH_NIBBLES = tl.constexpr(-252645136)
+
+
+def _permutes_to_f32(words: list[str], bias: str) -> str:
+    """PTX placing each byte of the ``words`` registers (code + bias, 0..255) under the exponent byte of
+    2**23 by a byte permute, then subtracting 2**23 + bias (the float ``bias``): the exact codes, into
+    the outputs $0, $1, ... in order."""
+    temps = [f"t{i}" for i in range(4 * len(words))]
+    lines = [f".reg .b32 b, {', '.join(temps)};", "mov.b32 b, 0x4B000000;"]
+    lines += [f"prmt.b32 t{4 * j + i}, {w}, b, 0x744{i};" for j, w in enumerate(words) for i in range(4)]
+    lines += [f"sub.f32 ${i}, {t}, {bias};" for i, t in enumerate(temps)]
+    return "\n".join(lines)
+
+
 # int8 codes -> fp32 on the integer and float pipes (I2F runs at a quarter of their rate): each byte
 # XOR 0x80 (code + 128) placed under the exponent byte of 2**23 by a byte permute reads 2**23 + 128 +
 # code; one subtraction makes it the exact code
-_CODES_F32 = tl.constexpr("""{
-.reg .b32 u, b, t0, t1, t2, t3;
-xor.b32 u, $4, 0x80808080;
-mov.b32 b, 0x4B000000;
-prmt.b32 t0, u, b, 0x7440;
-prmt.b32 t1, u, b, 0x7441;
-prmt.b32 t2, u, b, 0x7442;
-prmt.b32 t3, u, b, 0x7443;
-sub.f32 $0, t0, 0f4B000080;
-sub.f32 $1, t1, 0f4B000080;
-sub.f32 $2, t2, 0f4B000080;
-sub.f32 $3, t3, 0f4B000080;
-}""")
+_CODES_F32 = tl.constexpr("{\n.reg .b32 u;\nxor.b32 u, $4, 0x80808080;\n"
+                          + _permutes_to_f32(["u"], "0f4B000080") + "\n}")
 # the 8 int4 codes of a word -> fp32 the same way: low nibbles (even codes) then high nibbles, each
-# XOR 8 (code + 8) under the exponent byte of 2**23, minus 2**23 + 8
-_NIBBLES_F32 = tl.constexpr("""{
-.reg .b32 l, h, b, t0, t1, t2, t3, t4, t5, t6, t7;
-and.b32 l, $8, 0x0F0F0F0F;
-xor.b32 l, l, 0x08080808;
-shr.b32 h, $8, 4;
-and.b32 h, h, 0x0F0F0F0F;
-xor.b32 h, h, 0x08080808;
-mov.b32 b, 0x4B000000;
-prmt.b32 t0, l, b, 0x7440;
-prmt.b32 t1, l, b, 0x7441;
-prmt.b32 t2, l, b, 0x7442;
-prmt.b32 t3, l, b, 0x7443;
-prmt.b32 t4, h, b, 0x7440;
-prmt.b32 t5, h, b, 0x7441;
-prmt.b32 t6, h, b, 0x7442;
-prmt.b32 t7, h, b, 0x7443;
-sub.f32 $0, t0, 0f4B000008;
-sub.f32 $1, t1, 0f4B000008;
-sub.f32 $2, t2, 0f4B000008;
-sub.f32 $3, t3, 0f4B000008;
-sub.f32 $4, t4, 0f4B000008;
-sub.f32 $5, t5, 0f4B000008;
-sub.f32 $6, t6, 0f4B000008;
-sub.f32 $7, t7, 0f4B000008;
-}""")
+# XOR 8 (code + 8), minus 2**23 + 8
+_NIBBLES_F32 = tl.constexpr("{\n.reg .b32 l, h;\nand.b32 l, $8, 0x0F0F0F0F;\nxor.b32 l, l, 0x08080808;\n"
+                            "shr.b32 h, $8, 4;\nand.b32 h, h, 0x0F0F0F0F;\nxor.b32 h, h, 0x08080808;\n"
+                            + _permutes_to_f32(["l", "h"], "0f4B000008") + "\n}")
 # how codes become fp32 for 16-bit activations (CVT; None: the PTX above on NVIDIA GPUs); set False to
 # time the plain conversion against it
 CODES_PTX_OVERRIDE = None
@@ -175,6 +154,8 @@ def _qgemv_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, ids_ptr, weight_ptr, N,
     w_mask = ok[:, None, None] & mask_n[None, :, None]
     w_rows = e_s[:, None] * stride_we + rows * stride_wn                                  # [S, BN]
     a_base = a_row * stride_am                                                            # [S]
+    s_rows = sw_ptr + e_s[:, None] * stride_se + rows * stride_sn                        # [S, BN]
+    s_mask = ok[:, None] & mask_n[None, :]
     sa = tl.zeros([S], dtype=tl.float32)
     if AFMT == 1:
         sa = tl.load(sa_ptr + a_row * stride_sam, mask=ok, other=0.0)
@@ -186,8 +167,6 @@ def _qgemv_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, ids_ptr, weight_ptr, N,
         offs_w = tl.arange(0, BKW)
         KH = K // 2                                    # the odd half of a de-interleaved row starts here
         w_words = _words(w_ptr) + w_rows // 4                                             # [S, BN]
-        s_rows = sw_ptr + e_s[:, None] * stride_se + rows * stride_sn                    # [S, BN]
-        s_mask = ok[:, None] & mask_n[None, :]
         for k0 in range(0, K, BLOCK_K):
             kw = k0 // 8 + offs_w
             ww = tl.load(w_words[:, :, None] + kw[None, None, :], mask=w_mask, other=0, eviction_policy=EVICT)
@@ -231,8 +210,7 @@ def _qgemv_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, ids_ptr, weight_ptr, N,
             a = tl.load(a_words[:, None] + kw[None, :], mask=am, other=0)
             ww = tl.load(w_words[:, :, None] + kw[None, None, :], mask=wm, other=0, eviction_policy=EVICT)
             acc = _dp4a(ww, tl.broadcast_to(a[:, None, :], ww.shape), acc, ASM)
-        s = tl.load(sw_ptr + e_s[:, None] * stride_se + rows * stride_sn, mask=ok[:, None] & mask_n[None, :],
-                    other=0.0)
+        s = tl.load(s_rows, mask=s_mask, other=0.0)
         y = tl.sum(acc, axis=2).to(tl.float32) * sa[:, None] * s
     else:                           # w8a16
         acc = tl.zeros([S, BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -248,8 +226,7 @@ def _qgemv_kernel(a_ptr, sa_ptr, w_ptr, sw_ptr, out_ptr, ids_ptr, weight_ptr, N,
             a = tl.load(a_ptr + a_base[:, None] + kk[None, :], mask=am, other=0.0)
             w = tl.load(w_ptr + w_rows[:, :, None] + kk[None, None, :], mask=wm, other=0, eviction_policy=EVICT)
             acc += _codes_f32(w, CVT) * a.to(tl.float32)[:, None, :]
-        s = tl.load(sw_ptr + e_s[:, None] * stride_se + rows * stride_sn, mask=ok[:, None] & mask_n[None, :],
-                    other=0.0)
+        s = tl.load(s_rows, mask=s_mask, other=0.0)
         y = tl.sum(acc, axis=2) * s
 
     dt = out_ptr.dtype.element_ty
