@@ -226,7 +226,9 @@ class _Stats:
 _stats = _Stats()
 _stats_lock = threading.Lock()
 _local = threading.local()
-_decision_cache: dict[Any, tuple] = {}
+_decision_cache: dict[Any, tuple] = {}     # key -> (impl's state_key, impl, decision)
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
 _DECISION_CACHE_MAX = 4096
 
 
@@ -393,29 +395,30 @@ def decide(call, backend: str | None = None, grad_rebuilt: bool = False):
 
     ``grad_rebuilt``: the caller rebuilds the differentiable outputs itself (gating), so a call
     that needs grad does not require an implementation with a backward.  A repeated call (same
-    backend state, signature, grad mode) is one dictionary lookup: the signature holds every
-    tensor's ``requires_grad``, so the whole decision, autograd part included, is cached."""
+    backend, signature, grad mode and implementation state) is one dictionary lookup: the signature
+    holds every tensor's ``requires_grad``, so the whole decision, autograd part included, is cached;
+    the implementation comes with the cached decision (registering a backend empties the cache)."""
     op = call.op
     name = select_backend(op, call.tensor.device.type, backend)
     if name == REFERENCE:
         return REFERENCE, None, "reference", ()
-    impl = registry.get_entry(name).impls().get(op)
-    if impl is None:
-        return name, None, "no override", ()
     key = None
-    if not torch.compiler.is_compiling():   # a compiled graph decides once, at trace time
+    if not _is_compiling():     # a compiled graph decides once, at trace time
         try:
-            key = (name, impl.state_key(), torch.is_grad_enabled(), grad_rebuilt, call.signature())
+            key = (name, _grad_enabled(), grad_rebuilt, call.signature())
             hit = _decision_cache.get(key)      # one hash of the key per call
         except Exception:  # a signature part that cannot be built or hashed: decide without caching
             key = hit = None
-        if hit is not None:
-            return hit
+        if hit is not None and hit[1].state_key() == hit[0]:
+            return hit[2]
+    impl = registry.get_entry(name).impls().get(op)
+    if impl is None:
+        return name, None, "no override", ()
     decision = _decide(call, name, impl, grad_rebuilt)
     if key is not None:
         if len(_decision_cache) >= _DECISION_CACHE_MAX:
             _decision_cache.clear()
-        _decision_cache[key] = decision
+        _decision_cache[key] = (impl.state_key(), impl, decision)
     return decision
 
 

@@ -67,12 +67,12 @@ def search(time_cfg, base: dict, scheme: str, group, a_bytes: int, rounds: int =
 
 def gemv_candidates(scheme: str, top_k: int) -> tuple[list, list]:
     """(BLOCK_N, BLOCK_K, warps) of the one-token kernels, up then down: up, 512-2048 codes per row and
-    step over 2-16 rows; down, 2048 or 4096 products per step over all slots."""
+    step over 2-16 rows; down, 2048-8192 products per step over all slots."""
     slots = 1 << max(0, (top_k - 1).bit_length())
     up = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4), (2, 2048, 4), (4, 2048, 8), (8, 1024, 8),
           (16, 512, 8)]
     down = [(bn, bk, w) for bk in (128, 256, 512, 1024) for w in (4, 8) for bn in (1, 2, 4, 8, 16)
-            if slots * bn * bk in (2048, 4096)]
+            if slots * bn * bk in (2048, 4096, 8192)]
     return up, down
 
 

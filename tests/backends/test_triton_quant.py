@@ -134,12 +134,14 @@ def test_dequant_budget_from_the_environment(monkeypatch):
         quant_launch.dequant_budget()
 
 
-@pytest.mark.parametrize("chunk,reread,row_block", [(None, True, False), (32, True, False), (32, False, False),
-                                                    (None, True, True), (32, True, True)])
-def test_int8_row_quantization_is_the_reference(chunk, reread, row_block, monkeypatch):
+@pytest.mark.parametrize("chunk,reread,row_block,amax_step", [
+    (None, True, False, None), (32, True, False, None), (32, True, False, 64), (32, False, False, None),
+    (None, True, True, None), (32, True, True, None)])
+def test_int8_row_quantization_is_the_reference(chunk, reread, row_block, amax_step, monkeypatch):
     """One chunk per row, and rows of several chunks: every chunk's program reading its whole row
-    for the amax (short inputs), or the chunk maxima first, then the codes per chunk; and whole rows
-    per program (many rows), in one column step or several."""
+    for the amax (short inputs; in one load or in steps, the last partial), or the chunk maxima
+    first, then the codes per chunk; and whole rows per program (many rows), in one column step or
+    several."""
     from mojo_opset_triton import quant_act_kernel
     from mojo_opset_triton.quant_act_kernel import deinterleave_rows, quantize_rows_int8
 
@@ -148,6 +150,8 @@ def test_int8_row_quantization_is_the_reference(chunk, reread, row_block, monkey
         monkeypatch.setattr(quant_act_kernel, "ROW_STEP", chunk)
     if not reread:
         monkeypatch.setattr(quant_act_kernel, "REREAD_ELEMENTS", 0)
+    if amax_step:
+        monkeypatch.setattr(quant_act_kernel, "AMAX_STEP", amax_step)    # 70 columns: two steps
     monkeypatch.setattr(quant_act_kernel, "ROW_BLOCK_MIN_ROWS", 1 if row_block else 1 << 30)
     monkeypatch.setattr(quant_act_kernel, "ROW_BLOCK", 4)                # 9 rows: 3 programs, the last partial
     x = torch.randn(9, 70).to(DEV) * torch.rand(9, 1).to(DEV) * 10
