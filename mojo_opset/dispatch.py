@@ -407,18 +407,22 @@ def decide(call, backend: str | None = None, grad_rebuilt: bool = False):
         try:
             key = (name, _grad_enabled(), grad_rebuilt, call.signature())
             hit = _decision_cache.get(key)      # one hash of the key per call
-        except Exception:  # a signature part that cannot be built or hashed: decide without caching
-            key = hit = None
-        if hit is not None and hit[1].state_key() == hit[0]:
-            return hit[2]
+            if hit is not None and hit[1].state_key() == hit[0]:
+                return hit[2]
+        except Exception:  # a signature part or a state that cannot be built or hashed: no caching
+            key = None
     impl = registry.get_entry(name).impls().get(op)
     if impl is None:
         return name, None, "no override", ()
     decision = _decide(call, name, impl, grad_rebuilt)
     if key is not None:
+        try:
+            state = impl.state_key()
+        except Exception:
+            return decision
         if len(_decision_cache) >= _DECISION_CACHE_MAX:
             _decision_cache.clear()
-        _decision_cache[key] = (impl.state_key(), impl, decision)
+        _decision_cache[key] = (state, impl, decision)
     return decision
 
 

@@ -130,6 +130,48 @@ def test_decisions_are_cached_by_signature():
         mo.unregister_backend("counting")
 
 
+def test_cached_decisions_follow_the_implementation_state():
+    """A cached decision is reused only while the implementation's ``state_key()`` is the one it was
+    made in (an interpreter turned on or off); a state that raises decides without the cache."""
+    class Stateful(_Counting):
+        state = 0
+
+        def state_key(self):
+            if type(self).state is None:
+                raise RuntimeError("no state")
+            return type(self).state
+
+        def extra_reasons(self, call):
+            type(self).seen += 1
+            return ["state 1 declines"] if type(self).state == 1 else []
+
+    class Backend(_CountingBackend):
+        name = "stateful"
+
+        def load(self):
+            return {"moe_combine": Stateful()}
+
+    mo.register_backend(Backend())
+    try:
+        call = sample_calls()["moe_combine"]
+        Stateful.seen = 0
+        assert dispatch.decide(call, "stateful")[2] == "kernel"
+        assert dispatch.decide(call, "stateful")[2] == "kernel"
+        assert Stateful.seen == 1
+        Stateful.state = 1
+        assert dispatch.decide(call, "stateful")[2:] == ("fallback", ("state 1 declines",))
+        assert Stateful.seen == 2
+        Stateful.state = 0
+        assert dispatch.decide(call, "stateful")[2] == "kernel"
+        assert Stateful.seen == 3
+        Stateful.state = None
+        assert dispatch.decide(call, "stateful")[2] == "kernel"
+        assert dispatch.decide(call, "stateful")[2] == "kernel"
+        assert Stateful.seen == 5
+    finally:
+        mo.unregister_backend("stateful")
+
+
 def test_declared_limits_and_devices_give_reasons():
     class Limited(_Counting):
         limits = {"tokens": 4}
