@@ -58,6 +58,12 @@ def device_reason(t: torch.Tensor) -> str | None:
     return f"device type {dev!r} is not served (cuda, or cpu under the Triton interpreter)"
 
 
+def nvidia_ptx(t: torch.Tensor) -> bool:
+    """Whether kernels on ``t``'s device may use NVIDIA inline PTX (a CUDA device, not ROCm; the
+    interpreter runs the kernels' plain-Triton paths instead)."""
+    return t.device.type == "cuda" and torch.version.hip is None
+
+
 def serialized():
     """A context that runs a kernel launch alone when the interpreter is on (a no-op on a GPU)."""
     if not interpreter_on() or torch.compiler.is_compiling():   # a graph cannot hold a lock

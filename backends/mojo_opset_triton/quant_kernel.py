@@ -34,6 +34,7 @@ import triton.language as tl
 
 from .experts_kernel import _row_sources, _tile_ids
 from .pdl import chain_start, launch_options
+from .platform import nvidia_ptx
 
 W_INT8, W_INT4, W_FP8 = 0, 1, 2
 A_FLOAT, A_INT8, A_FP8 = 0, 1, 2
@@ -331,7 +332,7 @@ def codes_mode(a, afmt: int, dot_dt) -> int:
         return CODES_OVERRIDE
     if afmt == A_FLOAT and dot_dt is tl.float32:
         return CODES_CONVERT
-    if a.device.type == "cuda" and torch.version.hip is None:
+    if nvidia_ptx(a):
         return CODES_PTX
     return CODES_BITS
 

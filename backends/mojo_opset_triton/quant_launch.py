@@ -12,7 +12,7 @@ import triton.language as tl
 from mojo_opset.environ import env_int
 
 from .pdl import pdl_on
-from .platform import device_reason
+from .platform import device_reason, nvidia_ptx
 from .align_kernel import MAX_EXPERTS, row_blocks
 from .combine_kernel import sum_pairs
 from .configs import get_config
@@ -171,7 +171,7 @@ def _decode_forward(x, ids, topk_weights, wfmt, afmt, w13_q, w13_s, w2_q, w2_s, 
     activations, then the down projection and the combine in one launch."""
     K, H, I = ids.shape[1], x.shape[1], w13_q.shape[1] // 2
     pdl = pdl_on(x)
-    asm = x.device.type == "cuda" and torch.version.hip is None
+    asm = nvidia_ptx(x)
     w_flat = topk_weights.to(torch.float32).contiguous().view(-1)
     common = dict(top_k=K, wfmt=wfmt, afmt=afmt, group=group, asm=asm, pdl=pdl)
     a, sa = _a_operand(x, afmt, wfmt == W_INT4, pdl)
