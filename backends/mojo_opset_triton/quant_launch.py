@@ -155,11 +155,11 @@ def gemv_served(scheme: str) -> bool:
 
 def gemv_ready(x, wfmt: int, afmt: int, w13_q, w2_q) -> bool:
     """Whether the one-token kernels (quant_decode_kernel.py) can read this call: a served scheme, rows
-    contiguous along K, and for the 32-bit word loads (8-bit activations, int4 weights) K a multiple
-    of 8, 16-byte aligned weights and their rows a whole number of words apart."""
+    contiguous along K, and for the 32-bit word loads of 8-bit activations K a multiple of 8, 16-byte
+    aligned weights and their rows a whole number of words apart (w4a16_int4 reads bytes)."""
     if not gemv_scheme(wfmt, afmt) or x.stride(1) != 1 or w13_q.stride(2) != 1 or w2_q.stride(2) != 1:
         return False
-    if afmt == A_INT8 or wfmt == W_INT4:
+    if afmt == A_INT8:
         H, I = x.shape[1], w2_q.shape[2] * (2 if wfmt == W_INT4 else 1)
         words = all(w.data_ptr() % 16 == 0 and w.stride(0) % 4 == 0 and w.stride(1) % 4 == 0 for w in (w13_q, w2_q))
         return H % 8 == 0 and I % 8 == 0 and words

@@ -321,6 +321,27 @@ def test_one_token_kernels_decline_unaligned_words():
     torch.testing.assert_close(y, quant_experts_reference(x, ids, w, q), **_tol(q.scheme, torch.float32))
 
 
+def test_one_token_int4_bytes_need_no_whole_words(monkeypatch):
+    """w4a16_int4's one-token kernels read codes as bytes: weights whose rows are not a whole number of
+    words apart (a padded view) still take them, with the reference's result."""
+    from mojo_opset_triton import quant_launch
+    from mojo_opset_triton.quant_kernel import A_FLOAT as af, W_INT4 as wf
+
+    x, ids, w, q = _problem(1, 64, 32, 4, 2, "w4a16_int4", torch.float32, 16, seed=6)
+    wide = torch.zeros(q.w13_q.shape[0], q.w13_q.shape[1], 33, dtype=q.w13_q.dtype, device=DEV)
+    wide[:, :, :32] = q.w13_q
+    w13_view = wide[:, :, :32]                         # row stride 33 bytes
+    assert quant_launch.gemv_ready(x, wf, af, w13_view, q.w2_q)
+    calls = []
+    real = quant_launch.quant_gemv
+    monkeypatch.setattr(quant_launch, "quant_gemv", lambda *a, **k: calls.append(k["up"]) or real(*a, **k))
+    _, gemv_cfg = _tiled_and_gemv(x, q, {n: dict(BLOCK_N=4, BLOCK_K=32, num_warps=4, num_stages=1) for n in ("up", "down")})
+    y = quant_launch.quant_fused_moe_forward(x, ids, w, q.scheme, w13_view, q.w13_scale, q.w2_q, q.w2_scale, 16,
+                                             cfg=gemv_cfg)
+    assert calls == [True, False], calls
+    torch.testing.assert_close(y, quant_experts_reference(x, ids, w, q), **_tol(q.scheme, torch.float32))
+
+
 def test_one_token_configs_are_legal():
     from mojo_opset_triton.quant_configs import gemv_heuristic, legalize_gemv
 
