@@ -65,12 +65,18 @@ def _permutes_to_f32(words: list[str], bias: str) -> str:
 # code; one subtraction makes it the exact code
 _CODES_F32 = tl.constexpr("{\n.reg .b32 u;\nxor.b32 u, $4, 0x80808080;\n"
                           + _permutes_to_f32(["u"], "0f4B000080") + "\n}")
-# the low / high int4 code of each of a register's 4 bytes -> fp32 the same way: the nibble XOR 8
-# (code + 8) under the exponent byte, minus 2**23 + 8
-_LOW_NIBBLES_F32 = tl.constexpr("{\n.reg .b32 u;\nand.b32 u, $4, 0x0F0F0F0F;\nxor.b32 u, u, 0x08080808;\n"
-                                + _permutes_to_f32(["u"], "0f4B000008") + "\n}")
-_HIGH_NIBBLES_F32 = tl.constexpr("{\n.reg .b32 u;\nshr.b32 u, $4, 4;\nand.b32 u, u, 0x0F0F0F0F;\n"
-                                 "xor.b32 u, u, 0x08080808;\n" + _permutes_to_f32(["u"], "0f4B000008") + "\n}")
+
+
+def _nibbles_to_f32(high: bool) -> str:
+    """PTX: the low (``high``: the high) int4 code of each of a register's 4 bytes -> fp32 the same way,
+    the nibble XOR 8 (code + 8) under the exponent byte, minus 2**23 + 8."""
+    nibble = "shr.b32 u, $4, 4;\nand.b32 u, u, 0x0F0F0F0F;\n" if high else "and.b32 u, $4, 0x0F0F0F0F;\n"
+    return ("{\n.reg .b32 u;\n" + nibble + "xor.b32 u, u, 0x08080808;\n"
+            + _permutes_to_f32(["u"], "0f4B000008") + "\n}")
+
+
+_LOW_NIBBLES_F32 = tl.constexpr(_nibbles_to_f32(False))
+_HIGH_NIBBLES_F32 = tl.constexpr(_nibbles_to_f32(True))
 # how codes become fp32 for 16-bit activations (CVT; None: the PTX above on NVIDIA GPUs); set False to
 # time the plain conversion against it
 CODES_PTX_OVERRIDE = None
